@@ -1,0 +1,220 @@
+"""Forward stabilize's recorded events to snapshotd over its Unix socket.
+
+stabilize's EventRecorder appends each event to the event store and then
+publishes it, with its sequence, on the in-process EventBus (after the commit
+when the append joined a transaction). This module subscribes to every event on
+that bus and writes each as one NDJSON line, ``json.dumps(event.to_dict())``,
+to snapshotd. Usage::
+
+    from stabilize.events import configure_event_sourcing, get_event_bus
+    from stabilize_forwarder import install
+
+    configure_event_sourcing(event_store)
+    forwarder = install(get_event_bus())    # path: $SNAPSHOTD_SOCKET or ./snapshotd.sock
+    ...
+    forwarder.flush(timeout=5)              # optional: wait until snapshotd confirms
+    forwarder.close()
+
+The bus handler only enqueues; it never blocks the engine. A background thread
+sends, reconnecting with capped exponential backoff when the daemon restarts.
+Meanwhile up to ``max_buffer`` events wait in memory; beyond that new events
+are dropped *and logged* (snapshotd catches up from the events table when it
+hydrates an entity). Sent lines are kept until a ``flush`` reply confirms them
+(the forwarder sends one after ``flush_every`` events or a second of quiet) and
+are sent again after a reconnect: delivery is at-least-once, and snapshotd
+ignores sequences it has already folded. A reader thread drains reply lines
+and logs error replies (``{"ok": false, "frame": N, "error": ...}``).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger("snapshotd.forwarder")
+FLUSH = b'{"op":"flush"}\n'
+
+
+class SnapshotdForwarder:
+    """Buffered, reconnecting, at-least-once NDJSON writer to snapshotd's socket."""
+
+    def __init__(self, socket_path: str | None = None, max_buffer: int = 10_000,
+                 max_backoff: float = 5.0, flush_every: int = 500) -> None:
+        self.socket_path = socket_path or os.environ.get("SNAPSHOTD_SOCKET", "./snapshotd.sock")
+        self.max_buffer, self.max_backoff, self.flush_every = max_buffer, max_backoff, flush_every
+        self.dropped = 0
+        self._buf: collections.deque[tuple[bytes, threading.Event | None, bool]] = collections.deque()
+        self._unacked: collections.deque[bytes] = collections.deque()  # sent, not yet confirmed
+        self._marks: collections.deque[tuple[int, threading.Event | None]] = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="snapshotd-forwarder", daemon=True)
+        self._thread.start()
+
+    def handle(self, event: Any) -> None:
+        """EventBus handler: queue one event (never blocks)."""
+        if event.sequence <= 0:
+            log.warning("Skipping event %s without a store sequence.", event.event_id)
+            return
+        with self._cv:
+            if len(self._buf) >= self.max_buffer:
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 1000 == 0:
+                    log.error("Buffer full (%d events, snapshotd unreachable?): %d events dropped so far.",
+                              self.max_buffer, self.dropped)
+                return
+            self._buf.append(((json.dumps(event.to_dict()) + "\n").encode(), None, False))
+            self._cv.notify()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Send a ``flush`` barrier; True once snapshotd confirms everything sent before it."""
+        done = threading.Event()
+        with self._cv:
+            self._buf.append((FLUSH, done, True))
+            self._cv.notify()
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush, then stop (each step waits at most ``timeout`` seconds)."""
+        if self._buf or self._unacked:
+            self.flush(timeout)
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+        unsent = sum(1 for _, _, control in self._buf if not control)
+        if unsent:
+            log.error("Closed with %d unsent events.", unsent)
+
+    def _run(self) -> None:
+        backoff, outage = 0.1, False
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.socket_path)
+            except OSError as exc:
+                sock.close()
+                if not outage:
+                    log.warning("Cannot reach snapshotd at %s: %s; retrying.", self.socket_path, exc)
+                outage, deadline = True, time.monotonic() + backoff
+                with self._cv:
+                    while not self._closed and time.monotonic() < deadline:
+                        self._cv.wait(deadline - time.monotonic())
+                    if self._closed:  # give up on close rather than wait for the daemon forever
+                        return
+                backoff = min(backoff * 2, self.max_backoff)
+                continue
+            log.info("Connected to snapshotd at %s.", self.socket_path)
+            backoff, outage, alive = 0.1, False, threading.Event()
+            alive.set()
+            threading.Thread(target=self._read_replies, args=(sock, alive), daemon=True).start()
+            finished = self._send_loop(sock, alive)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # also ends the reader thread
+            except OSError:
+                pass
+            sock.close()
+            alive.clear()
+            with self._cv:  # resend what was never confirmed, then the unanswered flushes
+                if finished:
+                    if self._unacked:
+                        log.warning("Closed with %d sent lines unconfirmed.", len(self._unacked))
+                    return
+                redo = [(line, None, False) for line in self._unacked] + [(FLUSH, w, True) for _, w in self._marks]
+                self._buf.extendleft(reversed(redo))
+                self._unacked.clear()
+                self._marks.clear()
+
+    def _send_loop(self, sock: socket.socket, alive: threading.Event) -> bool:
+        """Send until closed and drained (True) or the connection breaks (False)."""
+        while True:
+            with self._cv:
+                while not self._buf and not self._closed and alive.is_set():
+                    if not self._cv.wait(1.0) and self._unacked and not self._marks:
+                        self._buf.append((FLUSH, None, True))  # a quiet second: confirm what was sent
+                if not alive.is_set():
+                    return False
+                if not self._buf:
+                    return True
+                batch = [self._buf[i] for i in range(min(len(self._buf), 512))]
+                if len(self._unacked) + len(batch) >= self.flush_every and not self._marks:
+                    batch.append((FLUSH, None, True))
+                    self._buf.insert(len(batch) - 1, batch[-1])
+            try:
+                sock.sendall(b"".join(line for line, _, _ in batch))
+            except OSError as exc:
+                log.warning("Lost snapshotd connection (%s); will resend %d lines.", exc, len(batch))
+                return False
+            with self._cv:  # only now do they leave the buffer (new lines go to its end)
+                for line, waiter, control in batch:
+                    self._buf.popleft()
+                    if control:
+                        self._marks.append((len(self._unacked), waiter))
+                    else:
+                        self._unacked.append(line)
+                while len(self._unacked) > self.max_buffer:  # cap memory: forget the oldest sent
+                    self._unacked.popleft()
+                    self._marks = collections.deque((max(0, n - 1), w) for n, w in self._marks)
+
+    def _read_replies(self, sock: socket.socket, alive: threading.Event) -> None:
+        try:
+            for raw in sock.makefile("rb"):
+                try:
+                    reply = json.loads(raw)
+                except ValueError:
+                    log.warning("Unreadable reply from snapshotd: %r", raw[:200])
+                    continue
+                if reply.get("ok") is False:
+                    log.warning("snapshotd rejected frame %s: %s", reply.get("frame"), reply.get("error"))
+                    continue
+                with self._cv:  # a confirmed flush covers every line sent before it
+                    if alive.is_set() and self._marks:
+                        covered, waiter = self._marks.popleft()
+                        for _ in range(covered):
+                            self._unacked.popleft()
+                        self._marks = collections.deque((n - covered, w) for n, w in self._marks)
+                        if waiter is not None:
+                            waiter.set()
+        except OSError:
+            pass
+        alive.clear()
+        with self._cv:
+            self._cv.notify_all()
+
+
+def install(bus: Any = None, socket_path: str | None = None, **kwargs: Any) -> SnapshotdForwarder:
+    """Subscribe a forwarder to every event of ``bus`` (default: stabilize's global bus)."""
+    if bus is None:
+        from stabilize.events import get_event_bus
+
+        bus = get_event_bus()
+    forwarder = SnapshotdForwarder(socket_path, **kwargs)
+    bus.subscribe("snapshotd-forwarder", forwarder.handle)  # SYNC: handle() only enqueues
+    return forwarder
+
+
+if __name__ == "__main__":  # demo: record a few events in a throwaway SQLite store
+    import tempfile
+
+    from stabilize.events import (EntityType, EventMetadata, EventType, SqliteEventStore,
+                                  configure_event_sourcing, create_workflow_event, get_event_bus)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    store = SqliteEventStore(f"sqlite:///{tempfile.mkdtemp()}/demo.db", create_tables=True)
+    recorder = configure_event_sourcing(store)
+    fwd = install(get_event_bus())
+    wf = "01JDEMO0000000000000000000"
+    for etype, data in [(EventType.WORKFLOW_CREATED, {"application": "demo", "name": "hello"}),
+                        (EventType.WORKFLOW_STARTED, {"context": {"n": 1}})]:
+        event = create_workflow_event(etype, wf, 1, data, EventMetadata(correlation_id=wf))
+        get_event_bus().publish(store.append(event))  # what the recorder does for you
+    for i in range(3):
+        recorder.record_context_updated(EntityType.WORKFLOW, wf, wf, {"step": i})
+    print("flush confirmed" if fwd.flush(timeout=5) else "flush NOT confirmed (is snapshotd running?)")
+    fwd.close()

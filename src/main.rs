@@ -1,0 +1,107 @@
+//! `snapshotd`: parse the command line, load settings, set up logs, call the
+//! library, map the outcome to an exit status.
+
+use clap::{Parser, Subcommand};
+use snapshotd::cli::{self, CommandError};
+use snapshotd::settings::{Settings, Sources};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "snapshotd",
+    version,
+    about = "Keeps snapshots of event-sourced entities current."
+)]
+struct Args {
+    /// Configuration file (TOML), layered over the built-in defaults.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (the default).
+    Run,
+    /// Print an entity's latest verified snapshot as JSON.
+    Get {
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
+        /// workflow, stage or task.
+        entity_type: String,
+        entity_id: String,
+    },
+    /// Recompute every stored hash; non-zero exit on any mismatch.
+    Verify {
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
+    },
+    /// Create the snapshots table when missing.
+    Migrate {
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
+    },
+    /// Print the effective configuration.
+    Config {
+        /// Only validate; print nothing on success.
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("snapshotd: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), CommandError> {
+    let command = args.command.unwrap_or(Command::Run);
+    let mut sources = Sources {
+        file: args.config,
+        overrides: Vec::new(),
+    };
+    if let Command::Get {
+        database_url: Some(url),
+        ..
+    }
+    | Command::Verify {
+        database_url: Some(url),
+    }
+    | Command::Migrate {
+        database_url: Some(url),
+    } = &command
+    {
+        sources.overrides.push(("database.url".into(), url.clone()));
+    }
+    let settings = Settings::load(&sources)?;
+    if let Command::Config { check } = command {
+        if !check {
+            print!("{}", settings.to_toml());
+        }
+        return Ok(());
+    }
+    snapshotd::telemetry::init(&settings.log);
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| CommandError::Other(format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(async {
+        match command {
+            Command::Run => Err(CommandError::Other("the daemon is not built yet".into())),
+            Command::Get {
+                entity_type,
+                entity_id,
+                ..
+            } => cli::get(&settings, &entity_type, &entity_id).await,
+            Command::Verify { .. } => cli::verify(&settings).await,
+            Command::Migrate { .. } => cli::migrate(&settings).await,
+            Command::Config { .. } => unreachable!("handled above"),
+        }
+    })
+}

@@ -1,0 +1,518 @@
+//! Events and commands as they arrive on the socket: raw NDJSON lines become
+//! typed [`Frame`]s once, here, with a reason for every refusal (SPEC 2).
+
+use super::canonical::{CanonicalError, normalize_value};
+use super::snapshot::{EntityType, IdError, check_id};
+use chrono::{DateTime, NaiveDateTime, Timelike, Utc};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use std::sync::Arc;
+
+/// One event, as stabilize's `Event.to_dict()` gives it, parsed and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub event_type: Box<str>,
+    /// The instant, rounded to microseconds as Postgres keeps it.
+    pub timestamp: DateTime<Utc>,
+    pub sequence: i64,
+    pub entity_type: EntityType,
+    pub entity_id: Arc<str>,
+    pub workflow_id: Arc<str>,
+    /// The payload, numbers already in their JSONB text.
+    pub data: Map<String, Value>,
+    pub schema_version: i64,
+}
+
+/// A command a producer sends (a frame with an `"op"` key).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Ping,
+    Flush,
+    Snapshot {
+        entity_type: EntityType,
+        entity_id: String,
+    },
+    Get {
+        entity_type: EntityType,
+        entity_id: String,
+    },
+    Stats,
+}
+
+/// A decoded line.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    Event(Event),
+    Command(Command),
+}
+
+/// Why a frame was refused; the text is what the producer reads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame is not valid UTF-8 (byte {0})")]
+    InvalidUtf8(usize),
+    #[error("frame is longer than max_frame_bytes ({0} bytes)")]
+    TooLong(usize),
+    #[error("frame nests deeper than {0} levels")]
+    TooDeep(usize),
+    #[error("malformed JSON: {0}")]
+    Malformed(String),
+    #[error("frame must be a JSON object")]
+    NotAnObject,
+    #[error("missing field `{0}`")]
+    Missing(&'static str),
+    #[error("field `{0}` {1}")]
+    Invalid(&'static str, String),
+    #[error("unknown op `{0}`: expected ping, flush, snapshot, get or stats")]
+    UnknownOp(String),
+}
+
+impl DecodeError {
+    /// A short stable name for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DecodeError::InvalidUtf8(_) => "invalid_utf8",
+            DecodeError::TooLong(_) => "oversized",
+            DecodeError::TooDeep(_) => "too_deep",
+            DecodeError::Malformed(_) => "malformed_json",
+            DecodeError::NotAnObject => "not_an_object",
+            DecodeError::Missing(_) => "missing_field",
+            DecodeError::Invalid(..) => "invalid_field",
+            DecodeError::UnknownOp(_) => "unknown_op",
+        }
+    }
+}
+
+/// Limits a frame must respect.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_depth: usize,
+}
+
+/// The envelope, borrowed from the line; each field parsed on its own so a
+/// wrong one is named.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    op: Option<&'a RawValue>,
+    #[serde(borrow)]
+    event_type: Option<&'a RawValue>,
+    #[serde(borrow)]
+    timestamp: Option<&'a RawValue>,
+    #[serde(borrow)]
+    sequence: Option<&'a RawValue>,
+    #[serde(borrow)]
+    entity_type: Option<&'a RawValue>,
+    #[serde(borrow)]
+    entity_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    workflow_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    schema_version: Option<&'a RawValue>,
+    #[serde(borrow)]
+    metadata: Option<&'a RawValue>,
+    #[serde(borrow)]
+    version: Option<&'a RawValue>,
+    #[serde(borrow)]
+    event_id: Option<&'a RawValue>,
+    // Other keys are carried, not interpreted: ignored here.
+}
+
+/// Decode one line (without its newline).
+pub fn decode(line: &[u8], limits: Limits) -> Result<Frame, DecodeError> {
+    let text = std::str::from_utf8(line).map_err(|e| DecodeError::InvalidUtf8(e.valid_up_to()))?;
+    check_depth(line, limits.max_depth)?;
+    let trimmed = text.trim_start();
+    if !trimmed.starts_with('{') {
+        // Tell "not JSON" from "JSON but not an object".
+        return match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => Err(DecodeError::NotAnObject),
+            Err(e) => Err(DecodeError::Malformed(e.to_string())),
+        };
+    }
+    let env: Envelope =
+        serde_json::from_str(text).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if let Some(op) = env.op {
+        return decode_command(op, &env).map(Frame::Command);
+    }
+    decode_event(&env).map(Frame::Event)
+}
+
+fn decode_command(op: &RawValue, env: &Envelope) -> Result<Command, DecodeError> {
+    let op: String = string_field("op", op)?;
+    let key = |env: &Envelope| -> Result<(EntityType, String), DecodeError> {
+        let entity_type = parse_entity_type(required("entity_type", env.entity_type)?)?;
+        let entity_id = string_field("entity_id", required("entity_id", env.entity_id)?)?;
+        check_id(&entity_id).map_err(|e| id_error("entity_id", e))?;
+        Ok((entity_type, entity_id))
+    };
+    match op.as_str() {
+        "ping" => Ok(Command::Ping),
+        "flush" => Ok(Command::Flush),
+        "stats" => Ok(Command::Stats),
+        "snapshot" => key(env).map(|(entity_type, entity_id)| Command::Snapshot {
+            entity_type,
+            entity_id,
+        }),
+        "get" => key(env).map(|(entity_type, entity_id)| Command::Get {
+            entity_type,
+            entity_id,
+        }),
+        other => Err(DecodeError::UnknownOp(other.chars().take(40).collect())),
+    }
+}
+
+fn decode_event(env: &Envelope) -> Result<Event, DecodeError> {
+    let event_type = string_field("event_type", required("event_type", env.event_type)?)?;
+    if event_type.is_empty() {
+        return Err(DecodeError::Invalid(
+            "event_type",
+            "must not be empty".into(),
+        ));
+    }
+    let timestamp_text = string_field("timestamp", required("timestamp", env.timestamp)?)?;
+    let timestamp = parse_timestamp(&timestamp_text).ok_or_else(|| {
+        DecodeError::Invalid(
+            "timestamp",
+            format!("`{timestamp_text}` is not an ISO 8601 time"),
+        )
+    })?;
+    let sequence = int_field("sequence", required("sequence", env.sequence)?)?;
+    if sequence < 1 {
+        return Err(DecodeError::Invalid(
+            "sequence",
+            format!("must be > 0, got {sequence}"),
+        ));
+    }
+    let entity_type = parse_entity_type(required("entity_type", env.entity_type)?)?;
+    let entity_id = string_field("entity_id", required("entity_id", env.entity_id)?)?;
+    check_id(&entity_id).map_err(|e| id_error("entity_id", e))?;
+    let workflow_id = string_field("workflow_id", required("workflow_id", env.workflow_id)?)?;
+    check_id(&workflow_id).map_err(|e| id_error("workflow_id", e))?;
+    let data = match env.data {
+        None => Map::new(),
+        Some(raw) => match serde_json::from_str::<Value>(raw.get()) {
+            Ok(Value::Object(mut map)) => {
+                let mut value = Value::Object(std::mem::take(&mut map));
+                normalize_value(&mut value).map_err(|e| canonical_error("data", e))?;
+                match value {
+                    Value::Object(map) => map,
+                    _ => unreachable!("normalising keeps the object"),
+                }
+            }
+            Ok(Value::Null) => Map::new(),
+            Ok(_) => return Err(DecodeError::Invalid("data", "must be a JSON object".into())),
+            Err(e) => return Err(DecodeError::Invalid("data", e.to_string())),
+        },
+    };
+    let schema_version = match env.schema_version {
+        None => 1,
+        Some(raw) if raw.get() == "null" => 1,
+        Some(raw) => int_field("schema_version", raw)?,
+    };
+    if let Some(raw) = env.version
+        && raw.get() != "null"
+    {
+        int_field("version", raw)?;
+    }
+    if let Some(raw) = env.metadata
+        && !(raw.get().starts_with('{') || raw.get() == "null")
+    {
+        return Err(DecodeError::Invalid(
+            "metadata",
+            "must be a JSON object".into(),
+        ));
+    }
+    if let Some(raw) = env.event_id
+        && raw.get() != "null"
+    {
+        string_field("event_id", raw)?;
+    }
+    Ok(Event {
+        event_type: event_type.into_boxed_str(),
+        timestamp,
+        sequence,
+        entity_type,
+        entity_id: Arc::from(entity_id),
+        workflow_id: Arc::from(workflow_id),
+        data,
+        schema_version,
+    })
+}
+
+fn required<'a>(
+    name: &'static str,
+    raw: Option<&'a RawValue>,
+) -> Result<&'a RawValue, DecodeError> {
+    match raw {
+        Some(raw) if raw.get() != "null" => Ok(raw),
+        _ => Err(DecodeError::Missing(name)),
+    }
+}
+
+fn string_field(name: &'static str, raw: &RawValue) -> Result<String, DecodeError> {
+    let value: String = serde_json::from_str(raw.get()).map_err(|_| {
+        DecodeError::Invalid(
+            name,
+            format!("must be a string, got {}", preview(raw.get())),
+        )
+    })?;
+    if value.contains('\0') {
+        return Err(DecodeError::Invalid(
+            name,
+            "contains the character U+0000".into(),
+        ));
+    }
+    Ok(value)
+}
+
+fn int_field(name: &'static str, raw: &RawValue) -> Result<i64, DecodeError> {
+    raw.get().parse::<i64>().map_err(|_| {
+        DecodeError::Invalid(
+            name,
+            format!("must be an integer, got {}", preview(raw.get())),
+        )
+    })
+}
+
+fn parse_entity_type(raw: &RawValue) -> Result<EntityType, DecodeError> {
+    string_field("entity_type", raw)?.parse().map_err(|_| {
+        DecodeError::Invalid(
+            "entity_type",
+            format!(
+                "must be workflow, stage or task, got {}",
+                preview(raw.get())
+            ),
+        )
+    })
+}
+
+fn id_error(name: &'static str, e: IdError) -> DecodeError {
+    DecodeError::Invalid(name, e.to_string())
+}
+
+fn canonical_error(name: &'static str, e: CanonicalError) -> DecodeError {
+    DecodeError::Invalid(name, e.to_string())
+}
+
+fn preview(text: &str) -> String {
+    if text.len() <= 32 {
+        text.to_string()
+    } else {
+        let cut = (0..=32)
+            .rev()
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        format!("{}...", &text[..cut])
+    }
+}
+
+/// Refuse nesting deeper than `max` before building anything.
+fn check_depth(line: &[u8], max: usize) -> Result<(), DecodeError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in line {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return Err(DecodeError::TooDeep(max));
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// ISO 8601 with `Z`, an offset, or none (taken as UTC), `T` or a space
+/// between date and time; rounded to microseconds half to even, as Postgres
+/// stores a `timestamptz`.
+pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
+    let parsed = DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .or_else(|_| {
+            DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f%:z").map(|t| t.with_timezone(&Utc))
+        })
+        .or_else(|_| {
+            DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%:z").map(|t| t.with_timezone(&Utc))
+        })
+        .or_else(|_| {
+            NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").map(|t| t.and_utc())
+        })
+        .or_else(|_| {
+            NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f").map(|t| t.and_utc())
+        })
+        .ok()?;
+    let nanos = parsed.nanosecond() % 1_000_000_000;
+    let (micros, rest) = (nanos / 1000, nanos % 1000);
+    let round_up = rest > 500 || (rest == 500 && micros % 2 == 1);
+    let truncated = parsed.with_nanosecond(micros * 1000)?;
+    Some(if round_up {
+        truncated + chrono::Duration::microseconds(1)
+    } else {
+        truncated
+    })
+}
+
+/// An instant as Python's `isoformat()` renders an aware UTC datetime:
+/// microseconds only when non-zero, always six digits.
+pub fn render_timestamp(t: &DateTime<Utc>) -> String {
+    let micros = t.nanosecond() / 1000;
+    if micros == 0 {
+        t.format("%Y-%m-%dT%H:%M:%S+00:00").to_string()
+    } else {
+        format!("{}.{micros:06}+00:00", t.format("%Y-%m-%dT%H:%M:%S"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits { max_depth: 64 };
+
+    /// A stabilize event line; `patch` (a JSON object's inner text) replaces
+    /// or adds keys.
+    fn event_line(patch: &str) -> String {
+        let mut event: Map<String, Value> = serde_json::from_str(
+            r#"{"event_id":"01J","event_type":"workflow.started","timestamp":"2026-11-26T03:59:48.12+00:00","sequence":7,"entity_type":"workflow","entity_id":"w1","workflow_id":"w1","version":1,"data":{"context":{"x":1e-7}},"metadata":{"actor":"system"}}"#,
+        )
+        .unwrap();
+        let patch: Map<String, Value> =
+            serde_json::from_str(&format!("{{{}}}", patch.trim_start_matches(','))).unwrap();
+        event.extend(patch);
+        serde_json::to_string(&event).unwrap()
+    }
+
+    #[test]
+    fn a_stabilize_event_decodes_with_normalised_numbers() {
+        let Frame::Event(e) = decode(event_line("").as_bytes(), LIMITS).unwrap() else {
+            panic!("not an event")
+        };
+        assert_eq!(e.sequence, 7);
+        assert_eq!(e.entity_type, EntityType::Workflow);
+        assert_eq!(e.data["context"]["x"].to_string(), "0.0000001");
+        assert_eq!(e.schema_version, 1);
+        assert_eq!(
+            render_timestamp(&e.timestamp),
+            "2026-11-26T03:59:48.120000+00:00"
+        );
+    }
+
+    #[test]
+    fn timestamps_render_like_python_isoformat_in_utc() {
+        let t = |s| render_timestamp(&parse_timestamp(s).unwrap());
+        assert_eq!(t("2026-11-26T03:59:48Z"), "2026-11-26T03:59:48+00:00");
+        assert_eq!(
+            t("2026-11-26T05:29:48.5+05:30"),
+            "2026-11-25T23:59:48.500000+00:00"
+        );
+        assert_eq!(t("2026-11-26T03:59:48"), "2026-11-26T03:59:48+00:00");
+        assert_eq!(
+            t("2026-11-26 03:59:48.000001"),
+            "2026-11-26T03:59:48.000001+00:00"
+        );
+        assert_eq!(
+            t("2026-11-26T03:59:48.0000015Z"),
+            "2026-11-26T03:59:48.000002+00:00"
+        );
+        assert_eq!(
+            t("2026-11-26T03:59:48.0000025Z"),
+            "2026-11-26T03:59:48.000002+00:00"
+        );
+        assert!(parse_timestamp("yesterday").is_none());
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases = [
+            (r#"{"event_type":"x"}"#, "missing field `timestamp`"),
+            (
+                &event_line(r#","sequence":"7""#) as &str,
+                "field `sequence` must be an integer",
+            ),
+            (
+                &event_line(r#","sequence":0"#),
+                "field `sequence` must be > 0",
+            ),
+            (
+                &event_line(r#","entity_type":"job""#),
+                "field `entity_type` must be workflow, stage or task",
+            ),
+            (
+                &event_line(r#","workflow_id":"012345678901234567890123456""#),
+                "field `workflow_id` is 27 characters",
+            ),
+            (
+                &event_line(r#","data":[1]"#),
+                "field `data` must be a JSON object",
+            ),
+            (&event_line(r#","data":{"s":"\u0000"}"#), "U+0000"),
+            (
+                &event_line(r#","timestamp":"soon""#),
+                "field `timestamp` `soon` is not an ISO 8601 time",
+            ),
+            (r#"{"op":"dance"}"#, "unknown op `dance`"),
+            (
+                r#"{"op":"get","entity_type":"workflow"}"#,
+                "missing field `entity_id`",
+            ),
+            ("[1,2]", "frame must be a JSON object"),
+            ("{\"a\":", "malformed JSON"),
+        ];
+        for (line, expected) in cases {
+            let err = decode(line.as_bytes(), LIMITS).unwrap_err().to_string();
+            assert!(err.contains(expected), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_envelope_field_given_twice_is_refused_as_ambiguous() {
+        let line = event_line("").replace(r#""sequence":7"#, r#""sequence":7,"sequence":9"#);
+        let err = decode(line.as_bytes(), LIMITS).unwrap_err().to_string();
+        assert!(err.contains("duplicate field `sequence`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_carried_without_complaint() {
+        let line = event_line(r#","correlation":{"deep":[1,2]},"extra":"x""#);
+        assert!(matches!(
+            decode(line.as_bytes(), LIMITS),
+            Ok(Frame::Event(_))
+        ));
+    }
+
+    #[test]
+    fn nesting_beyond_the_limit_and_bad_utf8_are_refused() {
+        let deep = format!("{}{}", "[".repeat(70), "]".repeat(70));
+        assert_eq!(
+            decode(deep.as_bytes(), LIMITS),
+            Err(DecodeError::TooDeep(64))
+        );
+        let quoted = format!(r#"{{"op":"ping","x":"{}"}}"#, "[".repeat(70));
+        assert_eq!(
+            decode(quoted.as_bytes(), LIMITS),
+            Ok(Frame::Command(Command::Ping))
+        );
+        assert_eq!(
+            decode(b"{\"op\":\"\xff\"}", LIMITS),
+            Err(DecodeError::InvalidUtf8(7))
+        );
+    }
+}

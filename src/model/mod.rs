@@ -1,0 +1,10 @@
+//! The pure domain: snapshots, entity keys, events, canonical JSON and the
+//! hash. No I/O here.
+
+pub mod canonical;
+pub mod event;
+mod snapshot;
+
+pub use snapshot::{
+    EntityKey, EntityType, IdError, MAX_ID_CHARS, Snapshot, UnknownEntityType, check_id,
+};

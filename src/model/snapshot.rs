@@ -1,0 +1,173 @@
+//! The snapshot record and the key that names an entity (SPEC section 1).
+
+use super::canonical::{CanonicalError, normalize_value, state_hash};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// The kinds of entity stabilize knows; `Snapshot.from_dict` accepts no other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntityType {
+    Workflow,
+    Stage,
+    Task,
+}
+
+impl EntityType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntityType::Workflow => "workflow",
+            EntityType::Stage => "stage",
+            EntityType::Task => "task",
+        }
+    }
+}
+
+impl fmt::Display for EntityType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Not one of `workflow`, `stage`, `task`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("entity_type must be one of workflow, stage, task (got `{0}`)")]
+pub struct UnknownEntityType(pub String);
+
+impl FromStr for EntityType {
+    type Err = UnknownEntityType;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "workflow" => Ok(EntityType::Workflow),
+            "stage" => Ok(EntityType::Stage),
+            "task" => Ok(EntityType::Task),
+            other => Err(UnknownEntityType(other.to_string())),
+        }
+    }
+}
+
+/// Longest `entity_id` / `workflow_id` stabilize's tables hold (`varchar(26)`).
+pub const MAX_ID_CHARS: usize = 26;
+
+/// Why a string is not a usable entity or workflow id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("is {0} characters long; stabilize's tables hold at most 26")]
+    TooLong(usize),
+    #[error("contains the character U+0000")]
+    Nul,
+}
+
+/// Check an id against what stabilize's `varchar(26)` columns accept.
+pub fn check_id(id: &str) -> Result<(), IdError> {
+    let chars = id.chars().count();
+    if chars == 0 {
+        Err(IdError::Empty)
+    } else if chars > MAX_ID_CHARS {
+        Err(IdError::TooLong(chars))
+    } else if id.contains('\0') {
+        Err(IdError::Nul)
+    } else {
+        Ok(())
+    }
+}
+
+/// Names one entity: the snapshot table's `(entity_type, entity_id)`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EntityKey {
+    pub entity_type: EntityType,
+    pub entity_id: Arc<str>,
+}
+
+impl EntityKey {
+    pub fn new(entity_type: EntityType, entity_id: impl Into<Arc<str>>) -> Self {
+        EntityKey {
+            entity_type,
+            entity_id: entity_id.into(),
+        }
+    }
+}
+
+impl fmt::Display for EntityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.entity_type, self.entity_id)
+    }
+}
+
+/// One snapshot of one entity (SPEC section 1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub key: EntityKey,
+    pub workflow_id: Arc<str>,
+    /// Distinct events of the entity's stream up to and including `sequence`.
+    pub version: i32,
+    /// Global sequence of the last event folded in.
+    pub sequence: i64,
+    /// A JSON object whose numbers are JSONB-normalised text.
+    pub state: Value,
+    /// `sha256(canonical_json(state))`, lowercase hex.
+    pub state_hash: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Snapshot {
+    /// Build a snapshot: numbers are brought to their JSONB text and the hash
+    /// computed; fails where stabilize could not store or read the state back.
+    pub fn new(
+        key: EntityKey,
+        workflow_id: impl Into<Arc<str>>,
+        version: i32,
+        sequence: i64,
+        mut state: Value,
+    ) -> Result<Self, CanonicalError> {
+        normalize_value(&mut state)?;
+        let state_hash = state_hash(&state)?;
+        Ok(Snapshot {
+            key,
+            workflow_id: workflow_id.into(),
+            version,
+            sequence,
+            state,
+            state_hash,
+            created_at: Utc::now(),
+        })
+    }
+
+    /// The JSON a `get` prints: stabilize's `Snapshot.to_dict()` shape.
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "entity_type": self.key.entity_type.as_str(),
+            "entity_id": &*self.key.entity_id,
+            "workflow_id": &*self.workflow_id,
+            "version": self.version,
+            "sequence": self.sequence,
+            "state": self.state,
+            "state_hash": self.state_hash,
+            "created_at": self.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, false),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_longer_than_the_table_allows_are_refused() {
+        assert_eq!(check_id(""), Err(IdError::Empty));
+        assert_eq!(check_id(&"é".repeat(26)), Ok(()));
+        assert_eq!(check_id(&"x".repeat(27)), Err(IdError::TooLong(27)));
+    }
+
+    #[test]
+    fn entity_types_parse_from_their_stabilize_names() {
+        assert_eq!("stage".parse::<EntityType>(), Ok(EntityType::Stage));
+        assert!("Workflow".parse::<EntityType>().is_err());
+    }
+}

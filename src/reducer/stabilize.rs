@@ -1,0 +1,363 @@
+//! stabilize 0.33.1's `EventReplayer` (`stabilize/events/replay.py`), as a
+//! pure fold into `WorkflowState.to_dict()`:
+//! `{workflow_id, status, application, name, start_time, end_time, context,
+//! stages, tasks}`.
+//!
+//! Every rule below mirrors a line of `_apply_*_event`; where the Python
+//! uses `data.get(k, default)`, a key present with `null` gives `null`.
+
+use crate::model::EntityType;
+use crate::model::canonical::{normalize_number, python_float_repr};
+use crate::model::event::{Event, render_timestamp};
+use serde_json::{Map, Number, Value};
+
+/// The newest event schema this replay understands (`CURRENT_SCHEMA_VERSION`).
+pub const CURRENT_SCHEMA_VERSION: i64 = 1;
+
+/// `WorkflowState(workflow_id).to_dict()`.
+pub fn initial(workflow_id: &str) -> Map<String, Value> {
+    let mut state = Map::new();
+    state.insert("workflow_id".into(), Value::String(workflow_id.into()));
+    for key in ["status", "application", "name", "start_time", "end_time"] {
+        state.insert(key.into(), Value::Null);
+    }
+    for key in ["context", "stages", "tasks"] {
+        state.insert(key.into(), Value::Object(Map::new()));
+    }
+    state
+}
+
+/// `EventReplayer._apply_event`.
+pub fn apply(state: &mut Map<String, Value>, event: &Event) {
+    if event.schema_version > CURRENT_SCHEMA_VERSION {
+        return; // Written by a newer build: skipped, still counted by the caller.
+    }
+    match event.entity_type {
+        EntityType::Workflow => apply_workflow(state, event),
+        EntityType::Stage => apply_child(state, "stages", event),
+        EntityType::Task => apply_child(state, "tasks", event),
+    }
+}
+
+fn time(event: &Event) -> Value {
+    Value::String(render_timestamp(&event.timestamp))
+}
+
+fn text(s: &str) -> Value {
+    Value::String(s.to_string())
+}
+
+/// `data.get(key, default)`.
+fn get_or(event: &Event, key: &str, default: Value) -> Value {
+    event.data.get(key).cloned().unwrap_or(default)
+}
+
+/// `dict.update(data["context"])` when the key is present.
+fn merge_context(state: &mut Map<String, Value>, event: &Event) {
+    if let Some(Value::Object(update)) = event.data.get("context")
+        && let Some(Value::Object(context)) = state.get_mut("context")
+    {
+        for (k, v) in update {
+            context.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+fn apply_workflow(state: &mut Map<String, Value>, event: &Event) {
+    match &*event.event_type {
+        "workflow.created" => {
+            state.insert(
+                "application".into(),
+                get_or(event, "application", Value::Null),
+            );
+            state.insert("name".into(), get_or(event, "name", Value::Null));
+        }
+        "workflow.started" => {
+            state.insert("start_time".into(), time(event));
+            state.insert("status".into(), text("RUNNING"));
+            merge_context(state, event);
+        }
+        "workflow.completed" => {
+            state.insert("end_time".into(), time(event));
+            state.insert("status".into(), get_or(event, "status", text("SUCCEEDED")));
+        }
+        "workflow.failed" => {
+            state.insert("end_time".into(), time(event));
+            state.insert("status".into(), get_or(event, "status", text("TERMINAL")));
+        }
+        "workflow.canceled" => {
+            state.insert("end_time".into(), time(event));
+            state.insert("status".into(), text("CANCELED"));
+        }
+        "workflow.paused" => {
+            state.insert("status".into(), text("PAUSED"));
+        }
+        "workflow.resumed" => {
+            state.insert("status".into(), text("RUNNING"));
+        }
+        "context.updated" => merge_context(state, event),
+        _ => {}
+    }
+}
+
+/// Stage and task events: the first event of any type creates the entry.
+fn apply_child(state: &mut Map<String, Value>, table: &str, event: &Event) {
+    let Some(Value::Object(children)) = state.get_mut(table) else {
+        return;
+    };
+    let id = &*event.entity_id;
+    let entry = children.entry(id.to_string()).or_insert_with(|| {
+        let mut child = Map::new();
+        child.insert("id".into(), text(id));
+        let fields: &[&str] = if table == "stages" {
+            &["ref_id", "type", "name"]
+        } else {
+            &["name", "stage_id"]
+        };
+        for field in fields {
+            child.insert((*field).into(), get_or(event, field, Value::Null));
+        }
+        Value::Object(child)
+    });
+    let Value::Object(child) = entry else {
+        return;
+    };
+    let kind = if table == "stages" { "stage" } else { "task" };
+    let Some(action) = event
+        .event_type
+        .strip_prefix(kind)
+        .and_then(|t| t.strip_prefix('.'))
+    else {
+        return;
+    };
+    match (kind, action) {
+        (_, "started") => {
+            child.insert("status".into(), text("RUNNING"));
+            child.insert("start_time".into(), time(event));
+        }
+        (_, "completed") => {
+            child.insert("status".into(), get_or(event, "status", text("SUCCEEDED")));
+            child.insert("end_time".into(), time(event));
+            if let Some(outputs) = event.data.get("outputs") {
+                child.insert("outputs".into(), outputs.clone());
+            }
+        }
+        (_, "failed") => {
+            child.insert("status".into(), get_or(event, "status", text("TERMINAL")));
+            child.insert("end_time".into(), time(event));
+            child.insert("error".into(), get_or(event, "error", Value::Null));
+        }
+        ("stage", "skipped") => {
+            child.insert("status".into(), text("SKIPPED"));
+            child.insert("skip_reason".into(), get_or(event, "reason", Value::Null));
+        }
+        ("stage", "canceled") => {
+            child.insert("status".into(), text("CANCELED"));
+        }
+        ("stage", "suspended") => {
+            child.insert("status".into(), text("SUSPENDED"));
+        }
+        ("stage", "resumed") => {
+            child.insert("status".into(), text("RUNNING"));
+        }
+        ("task", "retried") => {
+            // data.get("retry_count", task.get("retry_count", 0) + 1)
+            let count = match event.data.get("retry_count") {
+                Some(given) => Some(given.clone()),
+                None => match child.get("retry_count") {
+                    None => Some(Value::Number(Number::from(1))),
+                    Some(Value::Number(n)) => plus_one(n.as_str()).map(Value::Number),
+                    // Python raises TypeError here; the count is left as it was.
+                    Some(_) => None,
+                },
+            };
+            if let Some(count) = count {
+                child.insert("retry_count".into(), count);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `n + 1` as Python computes it (exact for ints, float for floats), in
+/// JSONB text.
+fn plus_one(literal: &str) -> Option<Number> {
+    let text = if literal.contains(['.', 'e', 'E']) {
+        let value: f64 = literal.parse().ok()?;
+        normalize_number(&python_float_repr(value + 1.0)).ok()?
+    } else {
+        increment_decimal(literal)?
+    };
+    Some(Number::from_string_unchecked(text))
+}
+
+/// Add one to a decimal integer of any size.
+fn increment_decimal(literal: &str) -> Option<String> {
+    if let Ok(n) = literal.parse::<i128>() {
+        return n.checked_add(1).map(|n| n.to_string());
+    }
+    let digits = literal.strip_prefix('-').map_or(Some(literal), |_| None)?;
+    let mut bytes = digits.as_bytes().to_vec();
+    let mut i = bytes.len();
+    loop {
+        if i == 0 {
+            bytes.insert(0, b'1');
+            break;
+        }
+        i -= 1;
+        if bytes[i] == b'9' {
+            bytes[i] = b'0';
+        } else {
+            bytes[i] += 1;
+            break;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::event::parse_timestamp;
+    use serde_json::json;
+    use std::sync::Arc;
+
+    fn event(entity_type: EntityType, id: &str, event_type: &str, data: Value) -> Event {
+        let Value::Object(data) = data else { panic!() };
+        Event {
+            event_type: event_type.into(),
+            timestamp: parse_timestamp("2026-11-26T03:59:48.120000+00:00").unwrap(),
+            sequence: 1,
+            entity_type,
+            entity_id: Arc::from(id),
+            workflow_id: Arc::from("wf"),
+            data,
+            schema_version: 1,
+        }
+    }
+
+    fn replay(events: &[Event]) -> Value {
+        let mut state = initial("wf");
+        for e in events {
+            apply(&mut state, e);
+        }
+        Value::Object(state)
+    }
+
+    use EntityType::{Stage, Task, Workflow};
+
+    #[test]
+    fn a_workflow_life_folds_like_the_replayer() {
+        let state = replay(&[
+            event(
+                Workflow,
+                "wf",
+                "workflow.created",
+                json!({"application": "app"}),
+            ),
+            event(
+                Workflow,
+                "wf",
+                "workflow.started",
+                json!({"context": {"a": 1, "b": 2}}),
+            ),
+            event(
+                Workflow,
+                "wf",
+                "context.updated",
+                json!({"context": {"b": 3}}),
+            ),
+            event(Workflow, "wf", "workflow.paused", json!({})),
+            event(
+                Workflow,
+                "wf",
+                "workflow.completed",
+                json!({"status": null}),
+            ),
+        ]);
+        assert_eq!(
+            state,
+            json!({"workflow_id": "wf", "status": null, "application": "app", "name": null,
+                   "start_time": "2026-11-26T03:59:48.120000+00:00",
+                   "end_time": "2026-11-26T03:59:48.120000+00:00",
+                   "context": {"a": 1, "b": 3}, "stages": {}, "tasks": {}})
+        );
+    }
+
+    #[test]
+    fn the_first_event_of_a_stage_of_any_type_creates_it_and_is_never_refilled() {
+        let state = replay(&[
+            event(Stage, "s1", "future.thing", json!({"ref_id": "r1"})),
+            event(
+                Stage,
+                "s1",
+                "stage.started",
+                json!({"ref_id": "r2", "name": "late"}),
+            ),
+            event(Stage, "s1", "stage.failed", json!({})),
+        ]);
+        assert_eq!(
+            state["stages"]["s1"],
+            json!({"id": "s1", "ref_id": "r1", "type": null, "name": null, "status": "TERMINAL",
+                   "start_time": "2026-11-26T03:59:48.120000+00:00",
+                   "end_time": "2026-11-26T03:59:48.120000+00:00", "error": null})
+        );
+    }
+
+    #[test]
+    fn stage_and_task_endings_follow_the_replayer() {
+        let state = replay(&[
+            event(Stage, "s", "stage.skipped", json!({"reason": "why"})),
+            event(
+                Task,
+                "t",
+                "task.completed",
+                json!({"outputs": {"o": 1}, "stage_id": "s"}),
+            ),
+            event(Task, "u", "task.suspended", json!({})),
+        ]);
+        assert_eq!(state["stages"]["s"]["status"], json!("SKIPPED"));
+        assert_eq!(state["stages"]["s"]["skip_reason"], json!("why"));
+        assert_eq!(state["tasks"]["t"]["outputs"], json!({"o": 1}));
+        assert_eq!(state["tasks"]["t"]["stage_id"], json!("s"));
+        assert_eq!(
+            state["tasks"]["u"],
+            json!({"id": "u", "name": null, "stage_id": null})
+        );
+    }
+
+    #[test]
+    fn a_retry_counts_up_unless_the_event_says_how_many() {
+        let state = replay(&[
+            event(Task, "t", "task.retried", json!({})),
+            event(Task, "t", "task.retried", json!({})),
+            event(Task, "u", "task.retried", json!({"retry_count": 7})),
+            event(Task, "u", "task.retried", json!({})),
+        ]);
+        assert_eq!(state["tasks"]["t"]["retry_count"], json!(2));
+        assert_eq!(state["tasks"]["u"]["retry_count"], json!(8));
+        assert_eq!(
+            increment_decimal("99999999999999999999999999999999999999999").unwrap(),
+            "100000000000000000000000000000000000000000"
+        );
+        assert_eq!(plus_one("1.5").unwrap().as_str(), "2.5");
+    }
+
+    #[test]
+    fn an_event_of_a_newer_schema_changes_nothing() {
+        let mut newer = event(Workflow, "wf", "workflow.started", json!({}));
+        newer.schema_version = 2;
+        assert_eq!(replay(&[newer]), Value::Object(initial("wf")));
+    }
+
+    #[test]
+    fn events_of_other_kinds_leave_the_workflow_alone() {
+        let state = replay(&[
+            event(Workflow, "wf", "status.changed", json!({"status": "X"})),
+            event(Stage, "s", "context.updated", json!({"context": {"x": 1}})),
+        ]);
+        assert_eq!(state["status"], Value::Null);
+        assert_eq!(state["context"], json!({}));
+        assert!(state["stages"]["s"].is_object());
+    }
+}

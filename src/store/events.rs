@@ -1,0 +1,188 @@
+//! Reading stabilize's `events` table when it shares the database: the
+//! ground truth the daemon hydrates from and checks its snapshots against.
+
+use super::{Store, StoreError};
+use crate::model::EntityType;
+use crate::model::canonical::normalize_value;
+use crate::model::event::{Event, parse_timestamp};
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use sqlx::Row;
+use std::sync::Arc;
+
+/// Columns the daemon reads from `events`.
+const EVENT_COLUMNS: &[&str] = &[
+    "sequence",
+    "event_type",
+    "timestamp",
+    "entity_type",
+    "entity_id",
+    "workflow_id",
+    "data",
+    "schema_version",
+];
+
+const PG_SELECT: &str = "SELECT sequence, event_type::text AS event_type, timestamp, \
+     entity_type::text AS entity_type, entity_id::text AS entity_id, \
+     workflow_id::text AS workflow_id, data::text AS data, schema_version::int8 AS schema_version \
+     FROM events WHERE workflow_id = $1 AND sequence > $2 AND sequence <= $3 ORDER BY sequence";
+
+const SQLITE_SELECT: &str = "SELECT sequence, event_type, timestamp, entity_type, entity_id, \
+     workflow_id, data, schema_version FROM events \
+     WHERE workflow_id = ?1 AND sequence > ?2 AND sequence <= ?3 ORDER BY sequence";
+
+/// One event row before it is trusted.
+struct EventRow {
+    sequence: i64,
+    event_type: String,
+    timestamp: Result<DateTime<Utc>, String>,
+    entity_type: String,
+    entity_id: String,
+    workflow_id: String,
+    data: String,
+    schema_version: Option<i64>,
+}
+
+impl EventRow {
+    fn into_event(self) -> Result<Event, StoreError> {
+        let bad = |reason: String| StoreError::Corrupt {
+            key: format!("events row of workflow {}", self.workflow_id),
+            version: self.sequence,
+            reason,
+        };
+        let timestamp = self.timestamp.clone().map_err(&bad)?;
+        let entity_type: EntityType = self
+            .entity_type
+            .parse()
+            .map_err(|e: crate::model::UnknownEntityType| bad(e.to_string()))?;
+        let mut data: Value =
+            serde_json::from_str(&self.data).map_err(|e| bad(format!("data is not JSON: {e}")))?;
+        normalize_value(&mut data).map_err(|e| bad(e.to_string()))?;
+        let data = match data {
+            Value::Object(map) => map,
+            Value::Null => Map::new(),
+            _ => return Err(bad("data is not a JSON object".into())),
+        };
+        Ok(Event {
+            event_type: self.event_type.into_boxed_str(),
+            timestamp,
+            sequence: self.sequence,
+            entity_type,
+            entity_id: Arc::from(self.entity_id),
+            workflow_id: Arc::from(self.workflow_id),
+            data,
+            schema_version: self.schema_version.unwrap_or(1),
+        })
+    }
+}
+
+impl Store {
+    /// True when stabilize's `events` table exists here with the columns
+    /// the daemon reads.
+    pub async fn has_events_table(&self) -> Result<bool, StoreError> {
+        let op = StoreError::query("inspect the events table");
+        let columns: Vec<String> = match self {
+            Store::Postgres(s) => sqlx::query_scalar(
+                "SELECT column_name::text FROM information_schema.columns \
+                 WHERE table_name = 'events' AND table_schema = current_schema()",
+            )
+            .fetch_all(s.pool())
+            .await
+            .map_err(op)?,
+            Store::Sqlite(s) => sqlx::query_scalar("SELECT name FROM pragma_table_info('events')")
+                .fetch_all(s.pool())
+                .await
+                .map_err(op)?,
+        };
+        Ok(EVENT_COLUMNS.iter().all(|c| columns.iter().any(|p| p == c)))
+    }
+
+    /// How many events of the workflow have a sequence up to `upto`.
+    pub async fn count_workflow_events(
+        &self,
+        workflow_id: &str,
+        upto: i64,
+    ) -> Result<i64, StoreError> {
+        let op = StoreError::query("count a workflow's events");
+        match self {
+            Store::Postgres(s) => {
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM events WHERE workflow_id = $1 AND sequence <= $2",
+                )
+                .bind(workflow_id)
+                .bind(upto)
+                .fetch_one(s.pool())
+                .await
+            }
+            Store::Sqlite(s) => {
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM events WHERE workflow_id = ?1 AND sequence <= ?2",
+                )
+                .bind(workflow_id)
+                .bind(upto)
+                .fetch_one(s.pool())
+                .await
+            }
+        }
+        .map_err(op)
+    }
+
+    /// The workflow's events with `after < sequence <= upto`, in sequence order.
+    pub async fn workflow_events(
+        &self,
+        workflow_id: &str,
+        after: i64,
+        upto: i64,
+    ) -> Result<Vec<Event>, StoreError> {
+        let op = StoreError::query("read a workflow's events");
+        let rows: Vec<EventRow> = match self {
+            Store::Postgres(s) => sqlx::query(PG_SELECT)
+                .bind(workflow_id)
+                .bind(after)
+                .bind(upto)
+                .fetch_all(s.pool())
+                .await
+                .map_err(op)?
+                .iter()
+                .map(|r| {
+                    Ok(EventRow {
+                        sequence: r.try_get("sequence")?,
+                        event_type: r.try_get("event_type")?,
+                        timestamp: Ok(r.try_get("timestamp")?),
+                        entity_type: r.try_get("entity_type")?,
+                        entity_id: r.try_get("entity_id")?,
+                        workflow_id: r.try_get("workflow_id")?,
+                        data: r.try_get("data")?,
+                        schema_version: r.try_get("schema_version")?,
+                    })
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(StoreError::query("decode an events row"))?,
+            Store::Sqlite(s) => sqlx::query(SQLITE_SELECT)
+                .bind(workflow_id)
+                .bind(after)
+                .bind(upto)
+                .fetch_all(s.pool())
+                .await
+                .map_err(op)?
+                .iter()
+                .map(|r| {
+                    let text: String = r.try_get("timestamp")?;
+                    Ok(EventRow {
+                        sequence: r.try_get("sequence")?,
+                        event_type: r.try_get("event_type")?,
+                        timestamp: parse_timestamp(&text)
+                            .ok_or_else(|| format!("timestamp `{text}` is not ISO 8601")),
+                        entity_type: r.try_get("entity_type")?,
+                        entity_id: r.try_get("entity_id")?,
+                        workflow_id: r.try_get("workflow_id")?,
+                        data: r.try_get("data")?,
+                        schema_version: r.try_get("schema_version")?,
+                    })
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(StoreError::query("decode an events row"))?,
+        };
+        rows.into_iter().map(EventRow::into_event).collect()
+    }
+}

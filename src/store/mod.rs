@@ -1,0 +1,470 @@
+//! The snapshot store: stabilize's own `snapshots` table on SQLite (the
+//! embedded default) or Postgres, behind one type.
+//!
+//! * `save_batch` commits a whole batch in one transaction; a row that cannot
+//!   be stored is reported with its entity and does not fail the others; a
+//!   write never replaces a newer snapshot of an entity with an older one.
+//! * `latest` verifies the hash of what it returns; a mismatch is
+//!   [`StoreError::Integrity`], never good data.
+//! * Every statement is parameterised.
+
+mod events;
+mod postgres;
+mod schema;
+mod sqlite;
+
+use crate::model::canonical::{CanonicalError, canonical_json, sha256_hex};
+use crate::model::{EntityKey, EntityType, Snapshot, check_id};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+/// Everything that can go wrong talking to the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database URL `{0}` is not understood: use postgres://... or sqlite://PATH")]
+    BadUrl(String),
+    #[error("cannot connect to {target}")]
+    Connect {
+        target: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot create the directory for the SQLite file {path}")]
+    CreateDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("store query failed while trying to {op}")]
+    Query {
+        op: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("table `{table}` exists but is not stabilize's schema: {reason}")]
+    Schema { table: &'static str, reason: String },
+    #[error(
+        "integrity check failed for {key} version {version}: stored state_hash {stored} but the state hashes to {computed}"
+    )]
+    Integrity {
+        key: EntityKey,
+        version: i64,
+        stored: String,
+        computed: String,
+    },
+    #[error("stored snapshot of {key} version {version} cannot be read: {reason}")]
+    Corrupt {
+        key: String,
+        version: i64,
+        reason: String,
+    },
+}
+
+impl StoreError {
+    fn query(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+        move |source| StoreError::Query { op, source }
+    }
+
+    /// True when the store itself is unreachable or failing (worth a retry),
+    /// false when the data is at fault (a retry gives the same answer).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Connect { .. } | StoreError::Query { .. })
+    }
+}
+
+/// A row of a batch that was not stored, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub key: EntityKey,
+    pub version: i32,
+    pub reason: String,
+}
+
+/// What `save_batch` did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct BatchOutcome {
+    /// Rows inserted or updated.
+    pub written: u64,
+    /// Rows skipped because the store already holds a newer (or the same) snapshot.
+    pub skipped: u64,
+    /// Rows refused, each naming its entity.
+    pub rejected: Vec<Rejected>,
+    /// Rows not written because the events table disagrees with their
+    /// version (see [`Store::save_batch_covered`]).
+    pub mismatched: Vec<Uncovered>,
+}
+
+/// A snapshot whose version is not the number of its workflow's events up
+/// to its sequence in the events table: its state cannot be the replay.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Uncovered {
+    pub key: EntityKey,
+    pub version: i32,
+    pub sequence: i64,
+    pub table_count: i64,
+}
+
+/// One bad row found by `verify_all`.
+#[derive(Debug)]
+pub struct Mismatch {
+    pub error: StoreError,
+}
+
+/// What `verify_all` saw.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub rows: u64,
+    pub bad: u64,
+}
+
+/// A snapshot checked and serialised for writing.
+pub(crate) struct RowToWrite<'a> {
+    pub snapshot: &'a Snapshot,
+    pub state_text: String,
+}
+
+/// The store, on one of its two backends.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Postgres(PgStore),
+    Sqlite(SqliteStore),
+}
+
+/// Connection settings for [`Store::connect`].
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub url: String,
+    pub pool_size: u32,
+}
+
+impl Store {
+    /// Connect from a URL (`postgres://...`, `postgresql://...`,
+    /// `sqlite://PATH`; the SQLite file and its directory are created when
+    /// missing). Does not create tables: see [`Store::migrate`].
+    pub async fn connect(options: &StoreOptions) -> Result<Store, StoreError> {
+        let url = options.url.as_str();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Store::Postgres(
+                PgStore::connect(url, options.pool_size).await?,
+            ))
+        } else if url.starts_with("sqlite:") {
+            Ok(Store::Sqlite(
+                SqliteStore::connect(url, options.pool_size).await?,
+            ))
+        } else {
+            Err(StoreError::BadUrl(redact(url)))
+        }
+    }
+
+    /// Create stabilize's `snapshots` table when missing; check it otherwise.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Postgres(s) => s.migrate().await,
+            Store::Sqlite(s) => s.migrate().await,
+        }
+    }
+
+    /// Upsert a batch in one transaction (see the module doc).
+    pub async fn save_batch(&self, batch: &[Snapshot]) -> Result<BatchOutcome, StoreError> {
+        self.save(batch, false).await
+    }
+
+    /// [`Store::save_batch`], writing only snapshots whose version equals
+    /// the number of their workflow's events up to their sequence in
+    /// stabilize's `events` table; the others are returned in `mismatched`.
+    pub async fn save_batch_covered(&self, batch: &[Snapshot]) -> Result<BatchOutcome, StoreError> {
+        self.save(batch, true).await
+    }
+
+    async fn save(&self, batch: &[Snapshot], covered: bool) -> Result<BatchOutcome, StoreError> {
+        let (mut rows, mut rejected) = prepare_batch(batch);
+        let mut mismatched = Vec::new();
+        if covered && !rows.is_empty() {
+            let counts = self.coverage(&rows).await?;
+            let mut kept = Vec::with_capacity(rows.len());
+            for (row, table_count) in rows.into_iter().zip(counts) {
+                if table_count == i64::from(row.snapshot.version) {
+                    kept.push(row);
+                } else {
+                    mismatched.push(Uncovered {
+                        key: row.snapshot.key.clone(),
+                        version: row.snapshot.version,
+                        sequence: row.snapshot.sequence,
+                        table_count,
+                    });
+                }
+            }
+            rows = kept;
+        }
+        if rows.is_empty() {
+            return Ok(BatchOutcome {
+                skipped: (batch.len() - rejected.len() - mismatched.len()) as u64,
+                rejected,
+                mismatched,
+                ..BatchOutcome::default()
+            });
+        }
+        let mut outcome = match self {
+            Store::Postgres(s) => s.save_rows(&rows).await?,
+            Store::Sqlite(s) => s.save_rows(&rows).await?,
+        };
+        outcome.skipped += (batch.len() - rows.len() - rejected.len() - mismatched.len()) as u64;
+        rejected.append(&mut outcome.rejected);
+        outcome.rejected = rejected;
+        outcome.mismatched = mismatched;
+        Ok(outcome)
+    }
+
+    /// For each row, how many events of its workflow the table holds up to
+    /// its sequence.
+    async fn coverage(&self, rows: &[RowToWrite<'_>]) -> Result<Vec<i64>, StoreError> {
+        match self {
+            Store::Postgres(s) => s.coverage(rows).await,
+            Store::Sqlite(_) => {
+                let mut counts = Vec::with_capacity(rows.len());
+                for row in rows {
+                    counts.push(
+                        self.count_workflow_events(
+                            &row.snapshot.workflow_id,
+                            row.snapshot.sequence,
+                        )
+                        .await?,
+                    );
+                }
+                Ok(counts)
+            }
+        }
+    }
+
+    /// The entity's snapshot with the highest version, hash verified.
+    pub async fn latest(&self, key: &EntityKey) -> Result<Option<Snapshot>, StoreError> {
+        let row = match self {
+            Store::Postgres(s) => s.latest_row(key).await?,
+            Store::Sqlite(s) => s.latest_row(key).await?,
+        };
+        row.map(StoredRow::into_snapshot).transpose()
+    }
+
+    /// Keep the newest `keep` snapshots of every entity (0 keeps all).
+    /// Returns the number of rows deleted.
+    pub async fn prune(&self, keep: u32) -> Result<u64, StoreError> {
+        if keep == 0 {
+            return Ok(0);
+        }
+        match self {
+            Store::Postgres(s) => s.prune(None, keep).await,
+            Store::Sqlite(s) => s.prune(None, keep).await,
+        }
+    }
+
+    /// [`Store::prune`] restricted to some entities (what a writer just wrote).
+    pub async fn prune_entities(&self, keys: &[EntityKey], keep: u32) -> Result<u64, StoreError> {
+        if keep == 0 || keys.is_empty() {
+            return Ok(0);
+        }
+        match self {
+            Store::Postgres(s) => s.prune(Some(keys), keep).await,
+            Store::Sqlite(s) => s.prune(Some(keys), keep).await,
+        }
+    }
+
+    /// Stream every row, recompute its hash, report each bad one to
+    /// `on_bad`. Memory stays constant whatever the table size.
+    pub async fn verify_all(
+        &self,
+        mut on_bad: impl FnMut(Mismatch) + Send,
+    ) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport::default();
+        let mut check = |row: StoredRow| {
+            report.rows += 1;
+            if let Err(error) = row.into_snapshot() {
+                report.bad += 1;
+                on_bad(Mismatch { error });
+            }
+        };
+        match self {
+            Store::Postgres(s) => s.for_each_row(&mut check).await?,
+            Store::Sqlite(s) => s.for_each_row(&mut check).await?,
+        }
+        Ok(report)
+    }
+
+    /// Wait for in-flight queries and close every connection.
+    pub async fn close(&self) {
+        match self {
+            Store::Postgres(s) => s.close().await,
+            Store::Sqlite(s) => s.close().await,
+        }
+    }
+}
+
+/// Keep the newest snapshot per entity and check each row the way the
+/// database would, so one bad row is named instead of failing the batch.
+fn prepare_batch(batch: &[Snapshot]) -> (Vec<RowToWrite<'_>>, Vec<Rejected>) {
+    let mut newest: HashMap<&EntityKey, &Snapshot> = HashMap::with_capacity(batch.len());
+    for snapshot in batch {
+        newest
+            .entry(&snapshot.key)
+            .and_modify(|kept| {
+                if snapshot.version > kept.version {
+                    *kept = snapshot;
+                }
+            })
+            .or_insert(snapshot);
+    }
+    let mut rows = Vec::with_capacity(newest.len());
+    let mut rejected = Vec::new();
+    for snapshot in newest.into_values() {
+        match check_row(snapshot) {
+            Ok(state_text) => rows.push(RowToWrite {
+                snapshot,
+                state_text,
+            }),
+            Err(reason) => rejected.push(Rejected {
+                key: snapshot.key.clone(),
+                version: snapshot.version,
+                reason,
+            }),
+        }
+    }
+    (rows, rejected)
+}
+
+fn check_row(snapshot: &Snapshot) -> Result<String, String> {
+    check_id(&snapshot.key.entity_id).map_err(|e| format!("entity_id {e}"))?;
+    check_id(&snapshot.workflow_id).map_err(|e| format!("workflow_id {e}"))?;
+    if snapshot.version < 1 {
+        return Err(format!(
+            "version must be positive, got {}",
+            snapshot.version
+        ));
+    }
+    if snapshot.sequence < 1 {
+        return Err(format!(
+            "sequence must be positive, got {}",
+            snapshot.sequence
+        ));
+    }
+    if !snapshot.state.is_object() {
+        return Err("state must be a JSON object".to_string());
+    }
+    let computed = canonical_json(&snapshot.state)
+        .map(|c| sha256_hex(c.as_bytes()))
+        .map_err(|e: CanonicalError| format!("state cannot be stored: {e}"))?;
+    if computed != snapshot.state_hash {
+        return Err(format!(
+            "state_hash {} does not match the state (hashes to {computed})",
+            snapshot.state_hash
+        ));
+    }
+    serde_json::to_string(&snapshot.state).map_err(|e| format!("state cannot be serialised: {e}"))
+}
+
+/// A row as read from either backend, not yet trusted.
+pub(crate) struct StoredRow {
+    pub entity_type: String,
+    pub entity_id: String,
+    pub workflow_id: String,
+    pub version: i64,
+    pub sequence: i64,
+    pub state_text: String,
+    pub state_hash: Option<String>,
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+impl StoredRow {
+    /// Parse and verify. The state is read as Python reads it (no number
+    /// rewriting), so the hash is the one stabilize would compute.
+    fn into_snapshot(self) -> Result<Snapshot, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            key: format!("{}/{}", self.entity_type, self.entity_id),
+            version: self.version,
+            reason,
+        };
+        let entity_type: EntityType = self
+            .entity_type
+            .parse()
+            .map_err(|e: crate::model::UnknownEntityType| corrupt(e.to_string()))?;
+        let key = EntityKey::new(entity_type, self.entity_id.as_str());
+        let version = i32::try_from(self.version)
+            .map_err(|_| corrupt(format!("version {} out of range", self.version)))?;
+        let state: Value = serde_json::from_str(&self.state_text)
+            .map_err(|e| corrupt(format!("state is not valid JSON: {e}")))?;
+        let computed = canonical_json(&state)
+            .map(|c| sha256_hex(c.as_bytes()))
+            .map_err(|e| corrupt(format!("state cannot be hashed: {e}")))?;
+        // stabilize accepts a row without a hash (written before hashes
+        // existed); so do we, since there is nothing to check it against.
+        let stored = self.state_hash.unwrap_or_else(|| computed.clone());
+        if stored != computed {
+            return Err(StoreError::Integrity {
+                key,
+                version: self.version,
+                stored,
+                computed,
+            });
+        }
+        Ok(Snapshot {
+            key,
+            workflow_id: Arc::from(self.workflow_id.as_str()),
+            version,
+            sequence: self.sequence,
+            state,
+            state_hash: stored,
+            created_at: self.created_at.unwrap_or(DateTime::UNIX_EPOCH),
+        })
+    }
+}
+
+/// A URL with its password replaced, fit for logs and messages.
+pub fn redact(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((userinfo, host)) = rest.split_once('@')
+        && let Some((user, _password)) = userinfo.split_once(':')
+    {
+        return format!("{scheme}://{user}:***@{host}");
+    }
+    url.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("sqlite://./x.db"), "sqlite://./x.db");
+    }
+
+    #[test]
+    fn a_batch_keeps_only_the_newest_snapshot_of_an_entity() {
+        let key = EntityKey::new(EntityType::Workflow, "w1");
+        let s1 = Snapshot::new(key.clone(), "w1", 1, 10, serde_json::json!({"a": 1})).unwrap();
+        let s2 = Snapshot::new(key, "w1", 2, 11, serde_json::json!({"a": 2})).unwrap();
+        let batch = [s2.clone(), s1];
+        let (rows, rejected) = prepare_batch(&batch);
+        assert!(rejected.is_empty());
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].snapshot, &s2);
+    }
+
+    #[test]
+    fn a_row_with_a_wrong_hash_is_rejected_by_name() {
+        let key = EntityKey::new(EntityType::Workflow, "w1");
+        let mut s = Snapshot::new(key, "w1", 1, 10, serde_json::json!({"a": 1})).unwrap();
+        s.state_hash = "0".repeat(64);
+        let batch = [s];
+        let (rows, rejected) = prepare_batch(&batch);
+        assert!(rows.is_empty());
+        assert!(rejected[0].reason.contains("does not match"));
+    }
+}

@@ -1,0 +1,335 @@
+//! The Postgres backend: one `UNNEST` upsert per batch.
+
+use super::schema::{POSTGRES_SNAPSHOTS, missing_columns};
+use super::{BatchOutcome, Rejected, RowToWrite, StoreError, StoredRow, redact};
+use crate::model::EntityKey;
+use futures_util::TryStreamExt;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The whole batch as parallel arrays. Rows older than what the table holds
+/// for their entity are filtered out; a same-version row is replaced only
+/// when it differs.
+const UPSERT: &str = "
+INSERT INTO snapshots
+    (entity_type, entity_id, workflow_id, version, sequence, state, state_hash, created_at)
+SELECT v.entity_type, v.entity_id, v.workflow_id, v.version, v.sequence,
+       v.state::jsonb, v.state_hash, v.created_at
+FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[],
+            $6::text[], $7::text[], $8::timestamptz[])
+     AS v(entity_type, entity_id, workflow_id, version, sequence, state, state_hash, created_at)
+WHERE NOT EXISTS (
+    SELECT 1 FROM snapshots s
+    WHERE s.entity_type = v.entity_type AND s.entity_id = v.entity_id AND s.version > v.version)
+ON CONFLICT (entity_type, entity_id, version) DO UPDATE SET
+    workflow_id = EXCLUDED.workflow_id,
+    sequence = EXCLUDED.sequence,
+    state = EXCLUDED.state,
+    state_hash = EXCLUDED.state_hash,
+    created_at = EXCLUDED.created_at
+WHERE snapshots.state_hash IS DISTINCT FROM EXCLUDED.state_hash
+   OR snapshots.sequence <> EXCLUDED.sequence";
+
+/// For each `(workflow_id, sequence)`, the number of the workflow's events
+/// up to that sequence, in input order.
+const COVERAGE: &str = "
+SELECT (SELECT count(*) FROM events e WHERE e.workflow_id = k.wf AND e.sequence <= k.seq)
+FROM UNNEST($1::text[], $2::int8[]) WITH ORDINALITY AS k(wf, seq, i)
+ORDER BY k.i";
+
+const SELECT_ROW: &str = "SELECT entity_type, entity_id, workflow_id, version::int8 AS version, \
+     sequence, state::text AS state, state_hash, created_at FROM snapshots";
+
+/// Delete all but the newest `$3` rows of the entities named in `$1`/`$2`.
+const PRUNE_ENTITIES: &str = "
+DELETE FROM snapshots WHERE id IN (
+    SELECT id FROM (
+        SELECT s.id, row_number() OVER (
+            PARTITION BY s.entity_type, s.entity_id ORDER BY s.version DESC) AS rn
+        FROM snapshots s
+        JOIN UNNEST($1::text[], $2::text[]) AS k(entity_type, entity_id)
+          ON s.entity_type = k.entity_type AND s.entity_id = k.entity_id
+    ) ranked WHERE rn > $3)";
+
+const PRUNE_ALL: &str = "
+DELETE FROM snapshots WHERE id IN (
+    SELECT id FROM (
+        SELECT id, row_number() OVER (
+            PARTITION BY entity_type, entity_id ORDER BY version DESC) AS rn
+        FROM snapshots
+    ) ranked WHERE rn > $1)";
+
+/// Snapshots in a Postgres database.
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub(super) async fn connect(url: &str, pool_size: u32) -> Result<Self, StoreError> {
+        let target = redact(url);
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|_| StoreError::BadUrl(target.clone()))?
+            // stabilize's replay reads timestamptz in a UTC session; so do we.
+            .options([("TimeZone", "UTC")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_size.max(1))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Connect { target, source })?;
+        Ok(PgStore { pool })
+    }
+
+    /// The pool, for the event-table reader that shares the database.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub(super) async fn migrate(&self) -> Result<(), StoreError> {
+        for ddl in POSTGRES_SNAPSHOTS {
+            sqlx::query(*ddl)
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::query("create the snapshots table"))?;
+        }
+        let columns: Vec<String> = sqlx::query_scalar(
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_name = 'snapshots' AND table_schema = current_schema()",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::query("inspect the snapshots table"))?;
+        match missing_columns(&columns) {
+            Some(reason) => Err(StoreError::Schema {
+                table: "snapshots",
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) async fn save_rows(
+        &self,
+        rows: &[RowToWrite<'_>],
+    ) -> Result<BatchOutcome, StoreError> {
+        let mut tx = self.begin().await?;
+        match upsert(&mut tx, rows).await {
+            Ok(written) => {
+                tx.commit()
+                    .await
+                    .map_err(StoreError::query("commit a snapshot batch"))?;
+                Ok(BatchOutcome {
+                    written,
+                    skipped: rows.len() as u64 - written,
+                    ..BatchOutcome::default()
+                })
+            }
+            Err(error) if is_row_error(&error) => {
+                drop(tx);
+                self.save_rows_one_by_one(rows).await
+            }
+            Err(source) => Err(StoreError::Query {
+                op: "upsert a snapshot batch",
+                source,
+            }),
+        }
+    }
+
+    /// The batch statement failed on some row's data: write row by row, each
+    /// under a savepoint, so the bad row is named and the others still land.
+    async fn save_rows_one_by_one(
+        &self,
+        rows: &[RowToWrite<'_>],
+    ) -> Result<BatchOutcome, StoreError> {
+        let mut tx = self.begin().await?;
+        let mut outcome = BatchOutcome::default();
+        for row in rows {
+            savepoint(&mut tx, "SAVEPOINT snapshot_row").await?;
+            match upsert(&mut tx, std::slice::from_ref(row)).await {
+                Ok(written) => {
+                    savepoint(&mut tx, "RELEASE SAVEPOINT snapshot_row").await?;
+                    outcome.written += written;
+                    outcome.skipped += 1 - written;
+                }
+                Err(error) if is_row_error(&error) => {
+                    savepoint(&mut tx, "ROLLBACK TO SAVEPOINT snapshot_row").await?;
+                    outcome.rejected.push(Rejected {
+                        key: row.snapshot.key.clone(),
+                        version: row.snapshot.version,
+                        reason: format!("PostgreSQL refused the row: {error}"),
+                    });
+                }
+                Err(source) => {
+                    return Err(StoreError::Query {
+                        op: "upsert a snapshot",
+                        source,
+                    });
+                }
+            }
+        }
+        tx.commit()
+            .await
+            .map_err(StoreError::query("commit a snapshot batch"))?;
+        Ok(outcome)
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.pool
+            .begin()
+            .await
+            .map_err(StoreError::query("begin a transaction"))
+    }
+
+    pub(super) async fn coverage(&self, rows: &[RowToWrite<'_>]) -> Result<Vec<i64>, StoreError> {
+        let workflows: Vec<&str> = rows.iter().map(|r| &*r.snapshot.workflow_id).collect();
+        let sequences: Vec<i64> = rows.iter().map(|r| r.snapshot.sequence).collect();
+        sqlx::query_scalar(COVERAGE)
+            .bind(workflows)
+            .bind(sequences)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::query("count workflows' events"))
+    }
+
+    pub(super) async fn latest_row(
+        &self,
+        key: &EntityKey,
+    ) -> Result<Option<StoredRow>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT_ROW} WHERE entity_type = $1 AND entity_id = $2 ORDER BY version DESC LIMIT 1"
+        )))
+        .bind(key.entity_type.as_str())
+        .bind(&*key.entity_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::query("read the latest snapshot"))?;
+        row.map(|r| decode(&r)).transpose()
+    }
+
+    pub(super) async fn prune(
+        &self,
+        keys: Option<&[EntityKey]>,
+        keep: u32,
+    ) -> Result<u64, StoreError> {
+        let result = match keys {
+            Some(keys) => {
+                let types: Vec<&str> = keys.iter().map(|k| k.entity_type.as_str()).collect();
+                let ids: Vec<&str> = keys.iter().map(|k| &*k.entity_id).collect();
+                sqlx::query(PRUNE_ENTITIES)
+                    .bind(types)
+                    .bind(ids)
+                    .bind(i64::from(keep))
+                    .execute(&self.pool)
+                    .await
+            }
+            None => {
+                sqlx::query(PRUNE_ALL)
+                    .bind(i64::from(keep))
+                    .execute(&self.pool)
+                    .await
+            }
+        };
+        Ok(result
+            .map_err(StoreError::query("prune old snapshots"))?
+            .rows_affected())
+    }
+
+    pub(super) async fn for_each_row(
+        &self,
+        each: &mut (dyn FnMut(StoredRow) + Send),
+    ) -> Result<(), StoreError> {
+        let mut rows = sqlx::query(SELECT_ROW).fetch(&self.pool);
+        while let Some(row) = rows
+            .try_next()
+            .await
+            .map_err(StoreError::query("read the snapshots table"))?
+        {
+            each(decode(&row)?);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+async fn savepoint(
+    tx: &mut Transaction<'_, Postgres>,
+    sql: &'static str,
+) -> Result<(), StoreError> {
+    sqlx::query(sql)
+        .execute(&mut **tx)
+        .await
+        .map(drop)
+        .map_err(StoreError::query("manage a savepoint"))
+}
+
+async fn upsert(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &[RowToWrite<'_>],
+) -> Result<u64, sqlx::Error> {
+    let n = rows.len();
+    let mut entity_types = Vec::with_capacity(n);
+    let mut entity_ids = Vec::with_capacity(n);
+    let mut workflow_ids = Vec::with_capacity(n);
+    let mut versions = Vec::with_capacity(n);
+    let mut sequences = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut hashes = Vec::with_capacity(n);
+    let mut created = Vec::with_capacity(n);
+    for row in rows {
+        let s = row.snapshot;
+        entity_types.push(s.key.entity_type.as_str());
+        entity_ids.push(&*s.key.entity_id);
+        workflow_ids.push(&*s.workflow_id);
+        versions.push(s.version);
+        sequences.push(s.sequence);
+        states.push(row.state_text.as_str());
+        hashes.push(s.state_hash.as_str());
+        created.push(s.created_at);
+    }
+    let result = sqlx::query(UPSERT)
+        .bind(entity_types)
+        .bind(entity_ids)
+        .bind(workflow_ids)
+        .bind(versions)
+        .bind(sequences)
+        .bind(states)
+        .bind(hashes)
+        .bind(created)
+        .execute(&mut **tx)
+        .await?;
+    Ok(result.rows_affected())
+}
+
+/// Data exceptions (class 22), constraint violations (23) and program limits
+/// (54) are the row's fault; anything else is the store's.
+fn is_row_error(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("22") || code.starts_with("23") || code.starts_with("54")
+        }),
+        _ => false,
+    }
+}
+
+fn decode(row: &PgRow) -> Result<StoredRow, StoreError> {
+    let get = |source| StoreError::Query {
+        op: "decode a snapshot row",
+        source,
+    };
+    Ok(StoredRow {
+        entity_type: row.try_get("entity_type").map_err(get)?,
+        entity_id: row.try_get("entity_id").map_err(get)?,
+        workflow_id: row.try_get("workflow_id").map_err(get)?,
+        version: row.try_get("version").map_err(get)?,
+        sequence: row.try_get("sequence").map_err(get)?,
+        state_text: row.try_get("state").map_err(get)?,
+        state_hash: row.try_get("state_hash").map_err(get)?,
+        created_at: row.try_get("created_at").map_err(get)?,
+    })
+}

@@ -1,0 +1,289 @@
+//! The SQLite backend, the embedded default: one prepared upsert per row,
+//! all rows of a batch in one transaction.
+
+use super::schema::{SQLITE_SNAPSHOTS, missing_columns};
+use super::{BatchOutcome, Rejected, RowToWrite, StoreError, StoredRow};
+use crate::model::EntityKey;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use futures_util::TryStreamExt;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+const UPSERT: &str = "
+INSERT INTO snapshots
+    (entity_type, entity_id, workflow_id, version, sequence, state, state_hash, created_at)
+SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
+WHERE NOT EXISTS (
+    SELECT 1 FROM snapshots s WHERE s.entity_type = ?1 AND s.entity_id = ?2 AND s.version > ?4)
+ON CONFLICT (entity_type, entity_id, version) DO UPDATE SET
+    workflow_id = excluded.workflow_id,
+    sequence = excluded.sequence,
+    state = excluded.state,
+    state_hash = excluded.state_hash,
+    created_at = excluded.created_at
+WHERE snapshots.state_hash IS NOT excluded.state_hash
+   OR snapshots.sequence <> excluded.sequence";
+
+const SELECT_ROW: &str = "SELECT entity_type, entity_id, workflow_id, version, sequence, \
+     state, state_hash, created_at FROM snapshots";
+
+const PRUNE_ENTITY: &str = "
+DELETE FROM snapshots WHERE entity_type = ?1 AND entity_id = ?2 AND id NOT IN (
+    SELECT id FROM snapshots WHERE entity_type = ?1 AND entity_id = ?2
+    ORDER BY version DESC LIMIT ?3)";
+
+const PRUNE_ALL: &str = "
+DELETE FROM snapshots WHERE id IN (
+    SELECT id FROM (
+        SELECT id, row_number() OVER (
+            PARTITION BY entity_type, entity_id ORDER BY version DESC) AS rn
+        FROM snapshots
+    ) WHERE rn > ?1)";
+
+/// The `created_at` text format of stabilize's SQLite default, with microseconds.
+const CREATED_AT_FORMAT: &str = "%Y-%m-%d %H:%M:%S%.6f";
+
+/// Snapshots in an SQLite file.
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    pub(super) async fn connect(url: &str, pool_size: u32) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|_| StoreError::BadUrl(url.to_string()))?
+            // The journal mode is left as the file has it: stabilize sets
+            // DELETE on every connection it opens to a shared file.
+            .create_if_missing(true)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10));
+        let path = options.get_filename();
+        if let Some(dir) = Path::new(path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(pool_size.max(1))
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Connect {
+                target: url.to_string(),
+                source,
+            })?;
+        Ok(SqliteStore { pool })
+    }
+
+    /// The pool, for the event-table reader that shares the file.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub(super) async fn migrate(&self) -> Result<(), StoreError> {
+        for ddl in SQLITE_SNAPSHOTS {
+            sqlx::query(*ddl)
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::query("create the snapshots table"))?;
+        }
+        let columns: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_table_info('snapshots')")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::query("inspect the snapshots table"))?;
+        match missing_columns(&columns) {
+            Some(reason) => Err(StoreError::Schema {
+                table: "snapshots",
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) async fn save_rows(
+        &self,
+        rows: &[RowToWrite<'_>],
+    ) -> Result<BatchOutcome, StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(StoreError::query("begin a transaction"))?;
+        let mut outcome = BatchOutcome::default();
+        for row in rows {
+            match upsert(&mut tx, row).await {
+                Ok(written) => {
+                    outcome.written += written;
+                    outcome.skipped += 1 - written;
+                }
+                // A failed statement rolls back only itself in SQLite.
+                Err(error) if is_row_error(&error) => outcome.rejected.push(Rejected {
+                    key: row.snapshot.key.clone(),
+                    version: row.snapshot.version,
+                    reason: format!("SQLite refused the row: {error}"),
+                }),
+                Err(source) => {
+                    return Err(StoreError::Query {
+                        op: "upsert a snapshot",
+                        source,
+                    });
+                }
+            }
+        }
+        tx.commit()
+            .await
+            .map_err(StoreError::query("commit a snapshot batch"))?;
+        Ok(outcome)
+    }
+
+    pub(super) async fn latest_row(
+        &self,
+        key: &EntityKey,
+    ) -> Result<Option<StoredRow>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT_ROW} WHERE entity_type = ?1 AND entity_id = ?2 ORDER BY version DESC LIMIT 1"
+        )))
+        .bind(key.entity_type.as_str())
+        .bind(&*key.entity_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::query("read the latest snapshot"))?;
+        row.map(|r| decode(&r)).transpose()
+    }
+
+    pub(super) async fn prune(
+        &self,
+        keys: Option<&[EntityKey]>,
+        keep: u32,
+    ) -> Result<u64, StoreError> {
+        let map = StoreError::query("prune old snapshots");
+        match keys {
+            None => Ok(sqlx::query(PRUNE_ALL)
+                .bind(i64::from(keep))
+                .execute(&self.pool)
+                .await
+                .map_err(map)?
+                .rows_affected()),
+            Some(keys) => {
+                let mut tx = self
+                    .pool
+                    .begin()
+                    .await
+                    .map_err(StoreError::query("begin a transaction"))?;
+                let mut deleted = 0;
+                for key in keys {
+                    deleted += sqlx::query(PRUNE_ENTITY)
+                        .bind(key.entity_type.as_str())
+                        .bind(&*key.entity_id)
+                        .bind(i64::from(keep))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::query("prune old snapshots"))?
+                        .rows_affected();
+                }
+                tx.commit().await.map_err(map)?;
+                Ok(deleted)
+            }
+        }
+    }
+
+    pub(super) async fn for_each_row(
+        &self,
+        each: &mut (dyn FnMut(StoredRow) + Send),
+    ) -> Result<(), StoreError> {
+        let mut rows = sqlx::query(SELECT_ROW).fetch(&self.pool);
+        while let Some(row) = rows
+            .try_next()
+            .await
+            .map_err(StoreError::query("read the snapshots table"))?
+        {
+            each(decode(&row)?);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+async fn upsert(
+    tx: &mut Transaction<'_, Sqlite>,
+    row: &RowToWrite<'_>,
+) -> Result<u64, sqlx::Error> {
+    let s = row.snapshot;
+    let result = sqlx::query(UPSERT)
+        .bind(s.key.entity_type.as_str())
+        .bind(&*s.key.entity_id)
+        .bind(&*s.workflow_id)
+        .bind(i64::from(s.version))
+        .bind(s.sequence)
+        .bind(row.state_text.as_str())
+        .bind(s.state_hash.as_str())
+        .bind(s.created_at.format(CREATED_AT_FORMAT).to_string())
+        .execute(&mut **tx)
+        .await?;
+    Ok(result.rows_affected())
+}
+
+/// Constraint (19), type mismatch (20) and too-big (18) errors are the
+/// row's fault; I/O, full disk, busy and the like are the store's.
+fn is_row_error(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            let primary = code.parse::<i32>().unwrap_or(0) & 0xff;
+            matches!(primary, 18..=20)
+        }),
+        _ => false,
+    }
+}
+
+fn decode(row: &SqliteRow) -> Result<StoredRow, StoreError> {
+    let get = |source| StoreError::Query {
+        op: "decode a snapshot row",
+        source,
+    };
+    let created_at: Option<String> = row.try_get("created_at").map_err(get)?;
+    Ok(StoredRow {
+        entity_type: row.try_get("entity_type").map_err(get)?,
+        entity_id: row.try_get("entity_id").map_err(get)?,
+        workflow_id: row.try_get("workflow_id").map_err(get)?,
+        version: row.try_get("version").map_err(get)?,
+        sequence: row.try_get("sequence").map_err(get)?,
+        state_text: row.try_get("state").map_err(get)?,
+        state_hash: row.try_get("state_hash").map_err(get)?,
+        created_at: created_at.as_deref().and_then(parse_created_at),
+    })
+}
+
+/// stabilize's SQLite default writes `YYYY-MM-DD HH:MM:SS`; we add
+/// microseconds; an ISO 8601 text with an offset is accepted too.
+fn parse_created_at(text: &str) -> Option<DateTime<Utc>> {
+    NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f")
+        .map(|t| t.and_utc())
+        .or_else(|_| DateTime::parse_from_rfc3339(text).map(|t| t.with_timezone(&Utc)))
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_at_is_read_in_stabilizes_and_our_formats() {
+        assert!(parse_created_at("2026-11-26 03:59:48").is_some());
+        assert!(parse_created_at("2026-11-26 03:59:48.120000").is_some());
+        assert!(parse_created_at("2026-11-26T03:59:48+00:00").is_some());
+        assert!(parse_created_at("yesterday").is_none());
+    }
+}

@@ -1,0 +1,127 @@
+//! Canonical JSON and state_hash against the vectors made with real Python
+//! and a real Postgres, plus properties over random JSON.
+
+use crate::helpers::shared;
+use proptest::prelude::*;
+use serde_json::Value;
+use snapshotd::model::canonical::{canonical_json, normalize_number, normalize_value, state_hash};
+
+#[derive(serde::Deserialize)]
+struct Case {
+    input: String,
+    jsonb: Option<String>,
+    canonical: Option<String>,
+    sha256: Option<String>,
+    postgres_rejects: Option<String>,
+}
+
+fn cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(shared().join("vectors/canonical_json.jsonl"))
+        .expect("read the vectors");
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("a vector is JSON"))
+        .collect()
+}
+
+#[test]
+fn every_vector_gives_stabilizes_canonical_text_and_hash() {
+    let cases = cases();
+    assert!(cases.len() >= 80, "only {} vectors read", cases.len());
+    let mut checked = 0;
+    for case in cases {
+        let mut value: Value = serde_json::from_str(&case.input).expect("input parses");
+        let normalized = normalize_value(&mut value);
+        if let Some(reason) = case.postgres_rejects {
+            assert!(
+                normalized.is_err(),
+                "accepted what Postgres rejects ({reason}): {}",
+                case.input
+            );
+            continue;
+        }
+        normalized.unwrap_or_else(|e| panic!("rejected {}: {e}", case.input));
+        let expected = case.canonical.expect("canonical");
+        // From the input, as the daemon receives it.
+        assert_eq!(
+            canonical_json(&value).unwrap(),
+            expected,
+            "input {}",
+            case.input
+        );
+        assert_eq!(
+            state_hash(&value).unwrap(),
+            case.sha256.clone().unwrap(),
+            "input {}",
+            case.input
+        );
+        // The normalised numbers are what Postgres stored.
+        let stored: Value = serde_json::from_str(case.jsonb.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            value, stored,
+            "normalised form differs from JSONB for {}",
+            case.input
+        );
+        // From the stored form, as the store reads it back.
+        assert_eq!(
+            canonical_json(&stored).unwrap(),
+            expected,
+            "jsonb {:?}",
+            case.jsonb
+        );
+        checked += 1;
+    }
+    assert!(checked >= 80);
+}
+
+/// Random JSON, with awkward numbers, strings and keys.
+pub fn json_value() -> impl Strategy<Value = Value> {
+    let number = prop_oneof![
+        any::<i64>().prop_map(|n| n.to_string()),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| format!("{f:e}")),
+        (any::<u64>(), 0u32..30, -40i32..40).prop_map(|(m, frac, exp)| {
+            let digits = m.to_string();
+            let cut = (frac as usize).min(digits.len().saturating_sub(1));
+            let (a, b) = digits.split_at(digits.len() - cut);
+            if b.is_empty() {
+                format!("{a}e{exp}")
+            } else {
+                format!("{a}.{b}e{exp}")
+            }
+        }),
+    ]
+    .prop_map(|text| serde_json::from_str::<Value>(&text).unwrap());
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        number,
+        "[ -~\u{80}-\u{10ffff}]{0,8}".prop_map(|s: String| Value::String(s.replace('\0', ""))),
+    ];
+    leaf.prop_recursive(4, 48, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::btree_map("[a-zé\u{1F600} _]{0,4}", inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #[test]
+    fn canonical_text_reparsed_is_canonical_again(mut value in json_value()) {
+        normalize_value(&mut value).unwrap();
+        let text = canonical_json(&value).unwrap();
+        let again: Value = serde_json::from_str(&text).unwrap();
+        prop_assert_eq!(canonical_json(&again).unwrap(), text);
+    }
+
+    #[test]
+    fn normalising_a_number_twice_changes_nothing(value in json_value()) {
+        if let Value::Number(n) = value {
+            let once = normalize_number(n.as_str()).unwrap();
+            prop_assert_eq!(normalize_number(&once).unwrap(), once);
+        }
+    }
+}

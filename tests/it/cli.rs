@@ -1,0 +1,109 @@
+//! The CLI skeleton, through the real binary.
+
+use crate::helpers::Backend;
+use serde_json::json;
+use snapshotd::model::{EntityKey, EntityType, Snapshot};
+use std::process::{Command, Output};
+
+fn snapshotd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_snapshotd"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run snapshotd")
+}
+
+#[tokio::test]
+async fn verify_and_get_fail_on_a_tampered_row_and_name_the_entity() {
+    for backend in [Backend::postgres().await, Backend::sqlite()] {
+        let url = backend.url();
+        let migrate = snapshotd(&["migrate", "--database-url", &url]);
+        assert!(
+            migrate.status.success(),
+            "{}",
+            String::from_utf8_lossy(&migrate.stderr)
+        );
+        let store = backend.store().await;
+        let key = EntityKey::new(EntityType::Workflow, "wf-tamper");
+        store
+            .save_batch(&[
+                Snapshot::new(key, "wf-tamper", 3, 42, json!({"status": "RUNNING"})).unwrap(),
+            ])
+            .await
+            .unwrap();
+
+        let get = snapshotd(&["get", "--database-url", &url, "workflow", "wf-tamper"]);
+        assert!(
+            get.status.success(),
+            "{}",
+            String::from_utf8_lossy(&get.stderr)
+        );
+        let printed: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
+        assert_eq!(printed["state"], json!({"status": "RUNNING"}));
+        assert_eq!(printed["version"], 3);
+        assert!(
+            snapshotd(&["verify", "--database-url", &url])
+                .status
+                .success()
+        );
+
+        let tamper = match backend {
+            Backend::Postgres(_) => {
+                "UPDATE snapshots SET state = jsonb_set(state, '{status}', '\"SUCCEEDED\"')"
+            }
+            Backend::Sqlite(_) => "UPDATE snapshots SET state = '{\"status\": \"SUCCEEDED\"}'",
+        };
+        backend.execute(tamper).await;
+
+        let verify = snapshotd(&["verify", "--database-url", &url]);
+        let stderr = String::from_utf8_lossy(&verify.stderr);
+        assert!(!verify.status.success());
+        assert!(stderr.contains("workflow/wf-tamper"), "{stderr}");
+        assert!(stderr.contains("1 of 1 snapshot rows failed"), "{stderr}");
+
+        let get = snapshotd(&["get", "--database-url", &url, "workflow", "wf-tamper"]);
+        let stderr = String::from_utf8_lossy(&get.stderr);
+        assert!(!get.status.success());
+        assert!(
+            stderr.contains("integrity check failed for workflow/wf-tamper"),
+            "{stderr}"
+        );
+        assert!(get.stdout.is_empty());
+    }
+}
+
+#[test]
+fn get_of_a_missing_entity_exits_non_zero_with_a_reason() {
+    let backend = Backend::sqlite();
+    let url = backend.url();
+    assert!(
+        snapshotd(&["migrate", "--database-url", &url])
+            .status
+            .success()
+    );
+    let get = snapshotd(&["get", "--database-url", &url, "workflow", "nobody"]);
+    assert!(!get.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&get.stderr).trim(),
+        "snapshotd: no snapshot of workflow/nobody"
+    );
+}
+
+#[test]
+fn a_bad_configuration_names_every_bad_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        "[policy]\nevent_interval = -1\n[log]\nformat = \"xml\"\n",
+    )
+    .unwrap();
+    let out = snapshotd(&["--config", file.to_str().unwrap(), "config", "--check"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("policy.event_interval") && stderr.contains("log.format"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+}

@@ -1,0 +1,347 @@
+//! Test helpers: a fresh Postgres database per test, a temporary SQLite
+//! file, the stabilize virtualenv, paths. Nothing is skipped: when a part
+//! is missing, the test fails and says how to get it.
+
+use snapshotd::store::{Store, StoreOptions};
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `../shared` beside the repository: the spec, the vectors.
+pub fn shared() -> PathBuf {
+    let path = repo().join("../shared");
+    assert!(
+        path.join("vectors").is_dir(),
+        "{} is missing: the test vectors live in ../shared/vectors beside the repository",
+        path.display()
+    );
+    path
+}
+
+/// The Python interpreter of the virtualenv with stabilize 0.33.1.
+pub fn python() -> PathBuf {
+    let path = std::env::var_os("STABILIZE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/python"));
+    assert!(
+        path.exists(),
+        "no Python with stabilize at {}: run .ci/run, or `python3 -m venv .venv && \
+         .venv/bin/pip install stabilize==0.33.1 'psycopg[binary]' psycopg_pool`, \
+         or set STABILIZE_PYTHON",
+        path.display()
+    );
+    path
+}
+
+/// Run a script of `tests/python` with the venv's Python; panics with its
+/// stderr when it fails. Returns stdout.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    let output = Command::new(python())
+        .arg(repo().join("tests/python").join(script))
+        .args(args)
+        .output()
+        .expect("start python");
+    assert!(
+        output.status.success(),
+        "{script} {args:?} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("python prints UTF-8")
+}
+
+/// A unique, lowercase name for a database or file.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}_{}_{}_{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The admin URL of a reachable server: `DATABASE_URL`, the default, or a
+/// private server started from the system's PostgreSQL binaries.
+fn admin_url() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let wanted = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.into());
+        if reachable(&wanted) {
+            return wanted;
+        }
+        start_private_server()
+    })
+}
+
+fn reachable(url: &str) -> bool {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                PgConnection::connect(&url),
+            )
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false)
+        })
+    })
+    .join()
+    .unwrap_or(false)
+}
+
+/// initdb + pg_ctl in a temporary directory, on a free port. The directory
+/// is kept for the life of the test process.
+fn start_private_server() -> String {
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .and_then(|dirs| {
+            dirs.filter_map(|d| d.ok())
+                .map(|d| d.path().join("bin"))
+                .find(|b| b.join("initdb").exists())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no PostgreSQL server is reachable at DATABASE_URL or {DEFAULT_ADMIN_URL}, and no \
+                 PostgreSQL binaries are installed to start one: `apt-get install postgresql` \
+                 (or run .ci/run, which does)"
+            )
+        });
+    let dir = tempfile::tempdir().expect("temp dir").keep();
+    let data = dir.join("data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().expect("run a PostgreSQL binary");
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let mut initdb = Command::new(bin.join("initdb"));
+    initdb
+        .args(["-U", "postgres", "--auth=trust", "-D"])
+        .arg(&data);
+    // initdb refuses to run as root; the test process may be root in CI.
+    let as_postgres = is_root();
+    if as_postgres {
+        run(Command::new("chown").args(["-R", "postgres"]).arg(&dir));
+    }
+    run(&mut maybe_as_postgres(initdb, as_postgres));
+    let mut pg_ctl = Command::new(bin.join("pg_ctl"));
+    pg_ctl.arg("-D").arg(&data).args([
+        "-w",
+        "-l",
+        &dir.join("log").display().to_string(),
+        "-o",
+        &format!(
+            "-p {port} -c listen_addresses=127.0.0.1 -k {}",
+            dir.display()
+        ),
+        "start",
+    ]);
+    run(&mut maybe_as_postgres(pg_ctl, as_postgres));
+    format!("postgres://postgres@127.0.0.1:{port}/postgres")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn maybe_as_postgres(cmd: Command, as_postgres: bool) -> Command {
+    if !as_postgres {
+        return cmd;
+    }
+    let mut wrapped = Command::new("runuser");
+    wrapped
+        .args(["-u", "postgres", "--"])
+        .arg(cmd.get_program());
+    wrapped.args(cmd.get_args());
+    wrapped
+}
+
+/// A fresh Postgres database, dropped when this value is.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let admin = admin_url();
+        let name = unique_name("snapshotd_test");
+        let mut conn = PgConnection::connect(admin)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {admin}: {e}"));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create the test database");
+        conn.close().await.ok();
+        let base = admin.rsplit_once('/').expect("admin URL has a database").0;
+        TestDb {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+
+    /// A direct connection, for SQL a test needs (tampering, inspection).
+    pub async fn connect(&self) -> PgConnection {
+        PgConnection::connect(&self.url)
+            .await
+            .expect("connect to the test database")
+    }
+
+    /// The libpq form of the URL, for Python.
+    pub fn dsn(&self) -> String {
+        self.url.replacen("postgres://", "postgresql://", 1)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin = admin_url().to_string();
+        let name = self.name.clone();
+        // Drop runs outside any runtime we can block on: use a thread.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                if let Ok(mut conn) = PgConnection::connect(&admin).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// A temporary SQLite file, removed with its directory.
+pub struct TestSqlite {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl TestSqlite {
+    pub fn new() -> TestSqlite {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("snapshots.db");
+        TestSqlite { _dir: dir, path }
+    }
+
+    pub fn url(&self) -> String {
+        format!("sqlite://{}", self.path.display())
+    }
+}
+
+/// The two backends, for tests that run on both.
+pub enum Backend {
+    Postgres(TestDb),
+    Sqlite(TestSqlite),
+}
+
+impl Backend {
+    pub async fn postgres() -> Backend {
+        Backend::Postgres(TestDb::new().await)
+    }
+
+    pub fn sqlite() -> Backend {
+        Backend::Sqlite(TestSqlite::new())
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            Backend::Postgres(db) => db.url.clone(),
+            Backend::Sqlite(file) => file.url(),
+        }
+    }
+
+    /// Arguments naming this backend for the Python scripts.
+    pub fn python_args(&self) -> Vec<String> {
+        match self {
+            Backend::Postgres(db) => vec![
+                "--backend".into(),
+                "postgres".into(),
+                "--dsn".into(),
+                db.dsn(),
+            ],
+            Backend::Sqlite(file) => vec![
+                "--backend".into(),
+                "sqlite".into(),
+                "--path".into(),
+                file.path.display().to_string(),
+            ],
+        }
+    }
+
+    pub async fn store(&self) -> Store {
+        let store = Store::connect(&StoreOptions {
+            url: self.url(),
+            pool_size: 4,
+        })
+        .await
+        .expect("connect the store");
+        store.migrate().await.expect("migrate");
+        store
+    }
+
+    /// Run one SQL statement directly (tampering in tests).
+    pub async fn execute(&self, sql: &str) {
+        match self {
+            Backend::Postgres(db) => {
+                let mut conn = db.connect().await;
+                sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+                    .execute(&mut conn)
+                    .await
+                    .expect("run test SQL");
+            }
+            Backend::Sqlite(file) => {
+                let mut conn = sqlx::SqliteConnection::connect(&file.url())
+                    .await
+                    .expect("open the SQLite file");
+                sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+                    .execute(&mut conn)
+                    .await
+                    .expect("run test SQL");
+            }
+        }
+    }
+}
+
+/// Write `lines` to a file in `dir` and return its path.
+pub fn write_lines(dir: &Path, name: &str, lines: impl IntoIterator<Item = String>) -> PathBuf {
+    let path = dir.join(name);
+    let mut text = String::new();
+    for line in lines {
+        text.push_str(&line);
+        text.push('\n');
+    }
+    std::fs::write(&path, text).expect("write a test file");
+    path
+}
