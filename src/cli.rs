@@ -93,3 +93,120 @@ pub async fn verify(settings: &Settings) -> Result<(), CommandError> {
     println!("{} snapshot rows verified, all hashes match", report.rows);
     Ok(())
 }
+
+/// `snapshotd send`: stream NDJSON from a file or stdin to the socket,
+/// print every error reply, optionally wait for a flush; fails when any
+/// frame was rejected.
+pub async fn send(
+    socket: &std::path::Path,
+    input: Option<&std::path::Path>,
+    flush: bool,
+) -> Result<(), CommandError> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+
+    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
+        CommandError::Other(format!(
+            "cannot connect to {}: {e} (is `snapshotd run` up?)",
+            socket.display()
+        ))
+    })?;
+    let (read_half, write_half) = stream.into_split();
+    let (flushed_tx, flushed_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
+    let replies = tokio::spawn(async move {
+        let mut lines = BufReader::new(read_half).lines();
+        let mut rejected = 0u64;
+        let mut flushed = Some(flushed_tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            let reply: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            let is_flush = reply["op"] == "flush";
+            if reply["ok"] == true {
+                if is_flush && let Some(tx) = flushed.take() {
+                    let _ = tx.send(Ok(()));
+                }
+                continue;
+            }
+            if is_flush {
+                if let Some(tx) = flushed.take() {
+                    let _ = tx.send(Err(reply["error"]
+                        .as_str()
+                        .unwrap_or("flush failed")
+                        .to_string()));
+                }
+                continue;
+            }
+            rejected += 1;
+            match (reply["frame"].as_u64(), reply["error"].as_str()) {
+                (Some(frame), Some(error)) => eprintln!("frame {frame}: {error}"),
+                _ => eprintln!("{line}"),
+            }
+        }
+        rejected
+    });
+
+    let started = std::time::Instant::now();
+    let mut input: Box<dyn tokio::io::AsyncRead + Unpin + Send> = match input {
+        Some(path) if path != std::path::Path::new("-") => Box::new(
+            tokio::fs::File::open(path)
+                .await
+                .map_err(|e| CommandError::Other(format!("cannot read {}: {e}", path.display())))?,
+        ),
+        _ => Box::new(tokio::io::stdin()),
+    };
+    let mut out = BufWriter::with_capacity(256 * 1024, write_half);
+    let mut buffer = vec![0u8; 256 * 1024];
+    let (mut frames, mut bytes, mut last) = (0u64, 0u64, b'\n');
+    let write_error = |e: std::io::Error| {
+        CommandError::Other(format!("writing to {} failed: {e}", socket.display()))
+    };
+    loop {
+        let n = input
+            .read(&mut buffer)
+            .await
+            .map_err(|e| CommandError::Other(format!("reading the input failed: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        frames += buffer[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+        bytes += n as u64;
+        last = buffer[n - 1];
+        out.write_all(&buffer[..n]).await.map_err(write_error)?;
+    }
+    if last != b'\n' {
+        out.write_all(b"\n").await.map_err(write_error)?;
+        frames += 1;
+    }
+    if flush {
+        out.write_all(b"{\"op\":\"flush\"}\n")
+            .await
+            .map_err(write_error)?;
+    }
+    out.flush().await.map_err(write_error)?;
+    let mut flush_error = None;
+    if flush {
+        match flushed_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => flush_error = Some(error),
+            Err(_) => {
+                flush_error =
+                    Some("the daemon closed the connection before the flush finished".into())
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    out.into_inner().shutdown().await.map_err(write_error)?;
+    let rejected = replies.await.unwrap_or(0);
+    eprintln!(
+        "sent {frames} frames ({bytes} bytes) in {elapsed:.3} s: {:.0} frames/s{}; {rejected} rejected",
+        frames as f64 / elapsed.max(1e-9),
+        if flush { ", flushed" } else { "" }
+    );
+    if let Some(error) = flush_error {
+        return Err(CommandError::Other(format!("flush failed: {error}")));
+    }
+    if rejected > 0 {
+        return Err(CommandError::Other(format!(
+            "{rejected} of {frames} frames were rejected"
+        )));
+    }
+    Ok(())
+}

@@ -7,9 +7,12 @@
 //! * [`telemetry`] — log set-up.
 //! * [`cli`] — what each subcommand does.
 
+pub mod actors;
+pub mod app;
 pub mod cli;
 pub mod model;
 pub mod reducer;
 pub mod settings;
+pub mod stats;
 pub mod store;
 pub mod telemetry;

@@ -25,6 +25,16 @@ struct Args {
 enum Command {
     /// Run the daemon (the default).
     Run,
+    /// Stream NDJSON events from FILE (or stdin) to the daemon's socket.
+    Send {
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Wait until every event sent is folded and its snapshots committed.
+        #[arg(long)]
+        flush: bool,
+        /// NDJSON file; `-` or nothing reads stdin.
+        file: Option<PathBuf>,
+    },
     /// Print an entity's latest verified snapshot as JSON.
     Get {
         #[arg(long, value_name = "URL")]
@@ -81,6 +91,14 @@ fn run(args: Args) -> Result<(), CommandError> {
     {
         sources.overrides.push(("database.url".into(), url.clone()));
     }
+    if let Command::Send {
+        socket: Some(path), ..
+    } = &command
+    {
+        sources
+            .overrides
+            .push(("socket.path".into(), path.display().to_string()));
+    }
     let settings = Settings::load(&sources)?;
     if let Command::Config { check } = command {
         if !check {
@@ -93,7 +111,12 @@ fn run(args: Args) -> Result<(), CommandError> {
         .map_err(|e| CommandError::Other(format!("cannot start the runtime: {e}")))?;
     runtime.block_on(async {
         match command {
-            Command::Run => Err(CommandError::Other("the daemon is not built yet".into())),
+            Command::Run => snapshotd::app::run(settings.clone())
+                .await
+                .map_err(CommandError::Other),
+            Command::Send { file, flush, .. } => {
+                cli::send(&settings.socket.path, file.as_deref(), flush).await
+            }
             Command::Get {
                 entity_type,
                 entity_id,

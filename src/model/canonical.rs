@@ -13,6 +13,13 @@
 //!
 //! Strings are escaped the way `ensure_ascii=True` does, keys are sorted by
 //! code point (a `BTreeMap<String, _>` orders UTF-8 bytes, which is the same).
+//!
+//! One exception to "JSONB text in both backends", deliberately: stabilize's
+//! own SQLite store keeps event data as Python's `json.dumps` text, so its
+//! replay sees `-0.0` and a float of 1e16 or more as floats, where JSONB
+//! would make `0.0` and an integer. A snapshot written to SQLite keeps
+//! numbers as Python reads them ([`NumberForm::Python`]) so that it equals
+//! stabilize's SQLite replay exactly; on Postgres they take the JSONB form.
 
 use serde_json::{Map, Number, Value};
 use sha2::{Digest, Sha256};
@@ -37,6 +44,24 @@ pub enum CanonicalError {
     /// Outside what Postgres numeric accepts, or not finite as Python reads it.
     #[error("number `{0}` is out of range: {1}")]
     NumberOutOfRange(String, &'static str),
+}
+
+/// The text numbers are kept in: what the store's reader will see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumberForm {
+    /// Postgres JSONB's decimal text (`1e-7` -> `0.0000001`).
+    Jsonb,
+    /// Python's own reading of the literal (`1e-7` -> float `1e-07`),
+    /// for SQLite, where stabilize stores `json.dumps` text.
+    Python,
+}
+
+/// `literal` in the given form.
+pub fn normalize_number_as(literal: &str, form: NumberForm) -> Result<String, CanonicalError> {
+    match form {
+        NumberForm::Jsonb => normalize_number(literal),
+        NumberForm::Python => python_number(literal),
+    }
 }
 
 /// The decimal text Postgres JSONB prints back for a JSON number literal.
@@ -210,24 +235,31 @@ pub fn python_float_repr(value: f64) -> String {
     out
 }
 
-/// Rewrite every number of `value` to its JSONB text and refuse what
-/// Postgres JSONB refuses (U+0000, numbers out of numeric range). Applied
-/// once, where JSON enters the daemon.
+/// [`normalize_value_as`] in the JSONB form.
 pub fn normalize_value(value: &mut Value) -> Result<(), CanonicalError> {
+    normalize_value_as(value, NumberForm::Jsonb)
+}
+
+/// Rewrite every number of `value` to the given form and refuse what
+/// Postgres JSONB refuses (U+0000, numbers out of range). Applied once,
+/// where JSON enters the daemon.
+pub fn normalize_value_as(value: &mut Value, form: NumberForm) -> Result<(), CanonicalError> {
     match value {
         Value::Number(n) => {
-            let normalized = normalize_number(n.as_str())?;
+            let normalized = normalize_number_as(n.as_str(), form)?;
             if normalized != n.as_str() {
                 *n = Number::from_string_unchecked(normalized);
             }
             Ok(())
         }
         Value::String(s) => check_nul(s),
-        Value::Array(items) => items.iter_mut().try_for_each(normalize_value),
+        Value::Array(items) => items
+            .iter_mut()
+            .try_for_each(|item| normalize_value_as(item, form)),
         Value::Object(map) => {
             for (key, item) in map.iter_mut() {
                 check_nul(key)?;
-                normalize_value(item)?;
+                normalize_value_as(item, form)?;
             }
             Ok(())
         }
@@ -376,6 +408,17 @@ mod tests {
         ] {
             assert_eq!(python_number(text).unwrap(), expected, "{text}");
         }
+    }
+
+    #[test]
+    fn the_python_form_keeps_floats_as_python_reads_them() {
+        let py = |s| normalize_number_as(s, NumberForm::Python).unwrap();
+        assert_eq!(py("-0.0"), "-0.0");
+        assert_eq!(py("1e16"), "1e+16");
+        assert_eq!(py("1.10"), "1.1");
+        assert_eq!(py("12"), "12");
+        assert_eq!(py(&py("1.5e-7")), py("1.5e-7"));
+        assert!(normalize_number_as("1e400", NumberForm::Python).is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Events and commands as they arrive on the socket: raw NDJSON lines become
 //! typed [`Frame`]s once, here, with a reason for every refusal (SPEC 2).
 
-use super::canonical::{CanonicalError, normalize_value};
+use super::canonical::{CanonicalError, NumberForm, normalize_value_as};
 use super::snapshot::{EntityType, IdError, check_id};
 use chrono::{DateTime, NaiveDateTime, Timelike, Utc};
 use serde::Deserialize;
@@ -88,6 +88,8 @@ impl DecodeError {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_depth: usize,
+    /// The form numbers of `data` are kept in (the store's).
+    pub numbers: NumberForm,
 }
 
 /// The envelope, borrowed from the line; each field parsed on its own so a
@@ -138,7 +140,7 @@ pub fn decode(line: &[u8], limits: Limits) -> Result<Frame, DecodeError> {
     if let Some(op) = env.op {
         return decode_command(op, &env).map(Frame::Command);
     }
-    decode_event(&env).map(Frame::Event)
+    decode_event(&env, limits.numbers).map(Frame::Event)
 }
 
 fn decode_command(op: &RawValue, env: &Envelope) -> Result<Command, DecodeError> {
@@ -165,7 +167,7 @@ fn decode_command(op: &RawValue, env: &Envelope) -> Result<Command, DecodeError>
     }
 }
 
-fn decode_event(env: &Envelope) -> Result<Event, DecodeError> {
+fn decode_event(env: &Envelope, numbers: NumberForm) -> Result<Event, DecodeError> {
     let event_type = string_field("event_type", required("event_type", env.event_type)?)?;
     if event_type.is_empty() {
         return Err(DecodeError::Invalid(
@@ -197,7 +199,7 @@ fn decode_event(env: &Envelope) -> Result<Event, DecodeError> {
         Some(raw) => match serde_json::from_str::<Value>(raw.get()) {
             Ok(Value::Object(mut map)) => {
                 let mut value = Value::Object(std::mem::take(&mut map));
-                normalize_value(&mut value).map_err(|e| canonical_error("data", e))?;
+                normalize_value_as(&mut value, numbers).map_err(|e| canonical_error("data", e))?;
                 match value {
                     Value::Object(map) => map,
                     _ => unreachable!("normalising keeps the object"),
@@ -385,7 +387,10 @@ pub fn render_timestamp(t: &DateTime<Utc>) -> String {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_depth: 64 };
+    const LIMITS: Limits = Limits {
+        max_depth: 64,
+        numbers: NumberForm::Jsonb,
+    };
 
     /// A stabilize event line; `patch` (a JSON object's inner text) replaces
     /// or adds keys.

@@ -1,6 +1,6 @@
 //! The snapshot record and the key that names an entity (SPEC section 1).
 
-use super::canonical::{CanonicalError, normalize_value, state_hash};
+use super::canonical::{CanonicalError, NumberForm, normalize_value_as, state_hash};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
@@ -124,9 +124,28 @@ impl Snapshot {
         workflow_id: impl Into<Arc<str>>,
         version: i32,
         sequence: i64,
+        state: Value,
+    ) -> Result<Self, CanonicalError> {
+        Self::new_as(
+            NumberForm::Jsonb,
+            key,
+            workflow_id,
+            version,
+            sequence,
+            state,
+        )
+    }
+
+    /// [`Snapshot::new`] with numbers in the form the target store's reader sees.
+    pub fn new_as(
+        form: NumberForm,
+        key: EntityKey,
+        workflow_id: impl Into<Arc<str>>,
+        version: i32,
+        sequence: i64,
         mut state: Value,
     ) -> Result<Self, CanonicalError> {
-        normalize_value(&mut state)?;
+        normalize_value_as(&mut state, form)?;
         let state_hash = state_hash(&state)?;
         Ok(Snapshot {
             key,

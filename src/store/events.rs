@@ -3,7 +3,7 @@
 
 use super::{Store, StoreError};
 use crate::model::EntityType;
-use crate::model::canonical::normalize_value;
+use crate::model::canonical::{NumberForm, normalize_value_as};
 use crate::model::event::{Event, parse_timestamp};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
@@ -44,7 +44,7 @@ struct EventRow {
 }
 
 impl EventRow {
-    fn into_event(self) -> Result<Event, StoreError> {
+    fn into_event(self, numbers: NumberForm) -> Result<Event, StoreError> {
         let bad = |reason: String| StoreError::Corrupt {
             key: format!("events row of workflow {}", self.workflow_id),
             version: self.sequence,
@@ -57,7 +57,7 @@ impl EventRow {
             .map_err(|e: crate::model::UnknownEntityType| bad(e.to_string()))?;
         let mut data: Value =
             serde_json::from_str(&self.data).map_err(|e| bad(format!("data is not JSON: {e}")))?;
-        normalize_value(&mut data).map_err(|e| bad(e.to_string()))?;
+        normalize_value_as(&mut data, numbers).map_err(|e| bad(e.to_string()))?;
         let data = match data {
             Value::Object(map) => map,
             Value::Null => Map::new(),
@@ -183,6 +183,9 @@ impl Store {
                 .collect::<Result<_, sqlx::Error>>()
                 .map_err(StoreError::query("decode an events row"))?,
         };
-        rows.into_iter().map(EventRow::into_event).collect()
+        let numbers = self.number_form();
+        rows.into_iter()
+            .map(|row| row.into_event(numbers))
+            .collect()
     }
 }

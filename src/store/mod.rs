@@ -161,6 +161,15 @@ impl Store {
         }
     }
 
+    /// The form numbers must be kept in so this store's reader (and
+    /// stabilize's replay on the same database) sees them unchanged.
+    pub fn number_form(&self) -> crate::model::canonical::NumberForm {
+        match self {
+            Store::Postgres(_) => crate::model::canonical::NumberForm::Jsonb,
+            Store::Sqlite(_) => crate::model::canonical::NumberForm::Python,
+        }
+    }
+
     /// Create stabilize's `snapshots` table when missing; check it otherwise.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match self {

@@ -345,3 +345,163 @@ pub fn write_lines(dir: &Path, name: &str, lines: impl IntoIterator<Item = Strin
     std::fs::write(&path, text).expect("write a test file");
     path
 }
+
+/// The real `snapshotd` binary running as a daemon on a temporary socket.
+pub struct Daemon {
+    child: Option<std::process::Child>,
+    database_url: String,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub stderr_log: PathBuf,
+}
+
+impl Daemon {
+    /// Start `snapshotd run` with `database_url` and a config file of
+    /// `extra_toml`; socket and database come from the environment. Waits
+    /// until the socket answers.
+    pub fn start(dir: &Path, database_url: &str, extra_toml: &str) -> Daemon {
+        let socket = dir.join("snapshotd.sock");
+        let config = dir.join("snapshotd.toml");
+        let stderr_log = dir.join(format!("{}.log", unique_name("daemon")));
+        std::fs::write(&config, extra_toml).unwrap();
+        let mut daemon = Daemon {
+            child: None,
+            database_url: database_url.to_string(),
+            socket,
+            config,
+            stderr_log,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(&self.stderr_log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_snapshotd"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            // The environment layer, as an operator would use it.
+            .env("SNAPSHOTD_SOCKET__PATH", &self.socket)
+            .env("SNAPSHOTD_DATABASE__URL", &self.database_url)
+            .env("SNAPSHOTD_METRICS__ADDRESS", "")
+            .env("RUST_LOG", "snapshotd=info")
+            .stderr(log)
+            .spawn()
+            .expect("start snapshotd");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("snapshotd exited at start ({status}):\n{}", self.log());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "snapshotd did not listen in 30 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Start the same daemon again (after `kill` or `terminate`).
+    pub fn restart(&mut self) {
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// `snapshotd send [--flush] FILE` against this daemon.
+    pub fn send_file(&self, file: &Path, flush: bool) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_snapshotd"));
+        cmd.arg("send").arg("--socket").arg(&self.socket);
+        if flush {
+            cmd.arg("--flush");
+        }
+        cmd.arg(file)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run snapshotd send")
+    }
+
+    /// Send lines on a new connection, then the command; return every reply line.
+    pub fn converse(&self, lines: &[Vec<u8>]) -> Vec<serde_json::Value> {
+        use std::io::{BufRead, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket).expect("connect");
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        for line in lines {
+            stream.write_all(line).unwrap();
+            stream.write_all(b"\n").unwrap();
+        }
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        std::io::BufReader::new(stream)
+            .lines()
+            .map(|l| serde_json::from_str(&l.expect("read a reply")).expect("a reply is JSON"))
+            .collect()
+    }
+
+    /// One command on its own connection; its reply.
+    pub fn command(&self, command: serde_json::Value) -> serde_json::Value {
+        let mut replies = self.converse(&[command.to_string().into_bytes()]);
+        assert_eq!(replies.len(), 1, "{replies:?}");
+        replies.remove(0)
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait; the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "snapshotd ignored SIGTERM for 60 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+use std::process::Output;
+
+/// Poll `check` until it returns `Some`, for at most `secs` seconds.
+pub fn eventually<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -4,5 +4,7 @@ mod helpers;
 
 mod canonical;
 mod cli;
+mod crosscheck;
+mod daemon;
 mod stabilize_store;
 mod store;

@@ -1,0 +1,6 @@
+//! The actors and the socket tasks that feed them (see the tree in `lib.rs`).
+
+pub mod ingest;
+pub mod policy;
+pub mod router;
+pub mod writer;

@@ -1,0 +1,575 @@
+//! The policy actor: one per entity. Buffers the entity's events, folds them
+//! into its state in sequence order, and hands a snapshot to the writer when
+//! the event-count or time threshold is crossed.
+//!
+//! # Never a wrong snapshot
+//!
+//! stabilize assigns sequences at insert, not at commit, so a workflow's
+//! events can arrive late, twice or out of order, and the daemon can restart
+//! at any moment. A snapshot at sequence S must equal stabilize's replay of
+//! the workflow's events up to S, and its version must be their number.
+//!
+//! * Events are not folded as they arrive: they wait in `pending`, ordered
+//!   by sequence, and are folded in that order onto `base` (the state at the
+//!   last snapshot) only when a snapshot is taken. Disorder inside a window
+//!   therefore costs nothing.
+//! * A sequence already pending or folded (`folded`) is a duplicate and is
+//!   dropped.
+//! * A sequence at or below the last snapshot's that was never seen is late:
+//!   the base may have missed it. With stabilize's `events` table in the same
+//!   database (the normal case) the actor compares the table's count of the
+//!   workflow's events up to the base with the base's version, once per
+//!   burst of late events, and rebuilds the base from the table on a
+//!   mismatch, then snapshots the corrected state. The writer makes the same
+//!   comparison for every snapshot inside the batch it commits, so nothing
+//!   the table contradicts is ever written; a contradicted snapshot comes
+//!   back here as `Resync` and is rebuilt from the table.
+//! * Hydration: an actor starting for an entity with history takes the
+//!   writer's uncommitted snapshot or the store's latest verified one, checks
+//!   it against the table, and loads the table's events after it as pending:
+//!   a restart loses nothing, and resent events are duplicates.
+//! * Without an events table the feed is trusted: late events are folded in
+//!   arrival order after the base and counted in `events_late`, and every
+//!   sequence the actor folded is remembered to drop duplicates.
+
+use super::router::RouterMsg;
+use super::writer::WriterMsg;
+use crate::cli::chain;
+use crate::model::event::Event;
+use crate::model::{EntityKey, Snapshot};
+use crate::reducer::Reducer;
+use crate::stats::Stats;
+use crate::store::{Store, StoreError};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+/// Messages to a policy actor.
+pub enum PolicyMsg {
+    /// From the router: an event of this entity. The permit bounds events in
+    /// flight between the sockets and the actors; dropping it frees a place.
+    Event(Box<Event>, OwnedSemaphorePermit),
+    /// From the router, for a flush: reply once every earlier message is
+    /// handled (snapshots they triggered are then with the writer).
+    Barrier(RpcReplyPort<()>),
+    /// From the router (`snapshot` command): snapshot now if there are new
+    /// events; reply with the snapshot's (version, sequence), if one was taken.
+    ForceSnapshot(RpcReplyPort<Option<(i32, i64)>>),
+    /// From the router, relaying the writer: the events table contradicts
+    /// our last snapshot; rebuild from the table.
+    Resync,
+    /// From the router (idle passivation or shutdown): stop, first
+    /// snapshotting new events when `snapshot` is set.
+    Stop { snapshot: bool },
+    /// To itself, first: load the entity's history.
+    Hydrate,
+    /// To itself: time threshold and idleness check.
+    Tick,
+    /// To itself, after late events: compare the base with the events table.
+    CheckBase,
+}
+
+type TickTimer = tokio::task::JoinHandle<Result<(), ractor::MessagingErr<PolicyMsg>>>;
+
+/// Settings every policy actor shares.
+#[derive(Clone)]
+pub struct PolicyConfig {
+    pub reducer: Reducer,
+    pub event_interval: usize,
+    pub time_interval: Duration,
+    pub idle_timeout: Duration,
+    /// Stabilize's events table is in the store's database.
+    pub events_table: bool,
+}
+
+/// Start arguments.
+pub struct PolicyArgs {
+    pub key: EntityKey,
+    pub config: Arc<PolicyConfig>,
+    pub store: Store,
+    pub writer: ActorRef<WriterMsg>,
+    pub writer_permits: Arc<Semaphore>,
+    pub router: ActorRef<RouterMsg>,
+    pub stats: Arc<Stats>,
+}
+
+pub struct Policy;
+
+pub struct PolicyState {
+    args: PolicyArgs,
+    /// Known once an event arrived or history was loaded.
+    workflow_id: Option<Arc<str>>,
+    base: Map<String, Value>,
+    base_seq: i64,
+    base_version: i32,
+    pending: BTreeMap<i64, Box<Event>>,
+    /// Sequences folded into `base`, sorted; trimmed to the newest few
+    /// windows when the events table can settle older questions.
+    folded: Vec<i64>,
+    /// Sequences at or below this were forgotten from `folded`.
+    forgotten_upto: i64,
+    hydrated: bool,
+    stash: Vec<PolicyMsg>,
+    first_pending_at: Option<Instant>,
+    last_snapshot_at: Option<Instant>,
+    last_event_at: Instant,
+    /// The armed Tick timer and when it fires.
+    tick: Option<(Instant, TickTimer)>,
+    check_scheduled: bool,
+    hydrate_backoff: Duration,
+}
+
+impl Actor for Policy {
+    type Msg = PolicyMsg;
+    type State = PolicyState;
+    type Arguments = PolicyArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<PolicyMsg>,
+        args: PolicyArgs,
+    ) -> Result<PolicyState, ActorProcessingErr> {
+        // No I/O here: the first message asks for hydration after itself,
+        // so a store outage delays this entity only, and hydration knows the
+        // events that woke it.
+        let _ = myself;
+        args.stats.active_entities.fetch_add(1, Relaxed);
+        let base = args.config.reducer.initial(&args.key);
+        Ok(PolicyState {
+            args,
+            workflow_id: None,
+            base,
+            base_seq: 0,
+            base_version: 0,
+            pending: BTreeMap::new(),
+            folded: Vec::new(),
+            forgotten_upto: 0,
+            hydrated: false,
+            stash: Vec::new(),
+            first_pending_at: None,
+            last_snapshot_at: None,
+            last_event_at: Instant::now(),
+            tick: None,
+            check_scheduled: false,
+            hydrate_backoff: Duration::from_millis(100),
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<PolicyMsg>,
+        state: &mut PolicyState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some((_, timer)) = state.tick.take() {
+            timer.abort();
+        }
+        state.args.stats.active_entities.fetch_sub(1, Relaxed);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<PolicyMsg>,
+        msg: PolicyMsg,
+        state: &mut PolicyState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PolicyMsg::Hydrate => match state.hydrate(state.stashed_upto()).await {
+                Ok(()) => {
+                    state.hydrated = true;
+                    for msg in std::mem::take(&mut state.stash) {
+                        state.process(&myself, msg).await;
+                    }
+                    state.after_change(&myself).await;
+                }
+                Err(error) => {
+                    tracing::error!(entity = %state.args.key, error = %chain(&error), "Loading the entity's history failed; retrying.");
+                    state.hydrate_backoff =
+                        (state.hydrate_backoff * 2).min(Duration::from_secs(30));
+                    myself.send_after(state.hydrate_backoff, || PolicyMsg::Hydrate);
+                }
+            },
+            // Until the history is loaded, everything waits in order.
+            msg if !state.hydrated => {
+                if state.stash.is_empty() {
+                    myself.cast(PolicyMsg::Hydrate)?;
+                }
+                state.stash.push(msg);
+            }
+            msg => state.process(&myself, msg).await,
+        }
+        Ok(())
+    }
+}
+
+impl PolicyState {
+    /// Everything but hydration.
+    async fn process(&mut self, myself: &ActorRef<PolicyMsg>, msg: PolicyMsg) {
+        let state = self;
+        match msg {
+            PolicyMsg::Hydrate => unreachable!("handled by the actor"),
+            PolicyMsg::Event(event, _permit) => {
+                state.receive(myself, event);
+                state.after_change(myself).await;
+            }
+            PolicyMsg::Barrier(reply) => {
+                let _ = reply.send(());
+            }
+            PolicyMsg::ForceSnapshot(reply) => {
+                let taken = state.snapshot().await;
+                let _ = reply.send(taken);
+            }
+            PolicyMsg::Resync => {
+                if state.args.config.events_table {
+                    state.rebuild_from_table(myself).await;
+                }
+            }
+            PolicyMsg::Stop { snapshot } => {
+                if snapshot {
+                    state.snapshot().await;
+                }
+                myself.stop(None);
+            }
+            PolicyMsg::Tick => {
+                state.tick = None;
+                let now = Instant::now();
+                if let Some(due) = state.time_due()
+                    && now >= due
+                {
+                    state.snapshot().await;
+                }
+                if now >= state.last_event_at + state.args.config.idle_timeout {
+                    let _ = state.args.router.cast(RouterMsg::Idle {
+                        key: state.args.key.clone(),
+                        id: myself.get_id(),
+                    });
+                } else {
+                    state.arm_tick(myself);
+                }
+            }
+            PolicyMsg::CheckBase => {
+                state.check_scheduled = false;
+                match state.base_matches_table().await {
+                    Ok(true) => {}
+                    Ok(false) => state.rebuild_from_table(myself).await,
+                    Err(error) => {
+                        tracing::warn!(entity = %state.args.key, error = %chain(&error), "Checking the base against the events table failed; retrying.");
+                        state.check_scheduled = true;
+                        myself.send_after(Duration::from_secs(1), || PolicyMsg::CheckBase);
+                    }
+                }
+            }
+        }
+    }
+
+    fn config(&self) -> &PolicyConfig {
+        &self.args.config
+    }
+
+    /// The newest sequence among the events waiting for hydration; all of
+    /// the table when none is waiting (a resync or a command woke us).
+    fn stashed_upto(&self) -> i64 {
+        self.stash
+            .iter()
+            .filter_map(|msg| match msg {
+                PolicyMsg::Event(event, _) => Some(event.sequence),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(i64::MAX)
+    }
+
+    /// Take the newest known snapshot (the writer's pending one, else the
+    /// store's verified latest), check it against the events table, and load
+    /// the table's events after it up to `upto` (the newest event received:
+    /// later ones are on their way and will be folded as they come, which
+    /// keeps snapshots at the policy's intervals; one the feed never brings
+    /// is caught by the count check and rebuilt from the table).
+    async fn hydrate(&mut self, upto: i64) -> Result<(), StoreError> {
+        let key = self.args.key.clone();
+        let pending = self
+            .args
+            .writer
+            .call(
+                |reply| WriterMsg::PendingFor(key.clone(), reply),
+                Some(Duration::from_secs(30)),
+            )
+            .await;
+        let mut snapshot = match pending {
+            Ok(ractor::rpc::CallResult::Success(found)) => found,
+            _ => None,
+        };
+        if snapshot.is_none() {
+            snapshot = match self.args.store.latest(&key).await {
+                Ok(found) => found,
+                Err(error @ (StoreError::Integrity { .. } | StoreError::Corrupt { .. })) => {
+                    tracing::error!(entity = %key, error = %chain(&error),
+                        "The latest snapshot fails verification; ignoring it and starting from the events.");
+                    None
+                }
+                Err(error) => return Err(error),
+            };
+        }
+        let had_snapshot = snapshot.is_some();
+        if let Some(snapshot) = snapshot
+            && let Value::Object(state) = snapshot.state
+        {
+            self.base = state;
+            self.base_seq = snapshot.sequence;
+            self.base_version = snapshot.version;
+            self.workflow_id = Some(snapshot.workflow_id.clone());
+            self.last_snapshot_at = Some(Instant::now());
+            // Older sequences are settled by the table, or unknown without one.
+            self.forgotten_upto = snapshot.sequence;
+        }
+        if self.config().events_table {
+            let workflow_id = key.entity_id.clone();
+            if had_snapshot && !self.base_matches_table().await? {
+                self.load_base_from_table(&workflow_id).await?;
+            }
+            let after = self
+                .args
+                .store
+                .workflow_events(&workflow_id, self.base_seq, upto)
+                .await?;
+            for event in after {
+                self.pending
+                    .entry(event.sequence)
+                    .or_insert_with(|| Box::new(event));
+            }
+            if !self.pending.is_empty() {
+                self.first_pending_at = Some(Instant::now());
+                self.workflow_id.get_or_insert(workflow_id);
+            }
+        }
+        if had_snapshot || !self.pending.is_empty() {
+            self.args.stats.hydrations.fetch_add(1, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// File one arriving event: pending, duplicate or late.
+    fn receive(&mut self, myself: &ActorRef<PolicyMsg>, event: Box<Event>) {
+        let seq = event.sequence;
+        self.last_event_at = Instant::now();
+        if self.workflow_id.is_none() {
+            self.workflow_id = Some(event.workflow_id.clone());
+        }
+        if self.pending.contains_key(&seq) || self.folded_contains(seq) {
+            self.args.stats.events_duplicate.fetch_add(1, Relaxed);
+            return;
+        }
+        if seq <= self.base_seq {
+            self.args.stats.events_late.fetch_add(1, Relaxed);
+            if self.config().events_table {
+                // The table settles it: duplicate from before we knew, or
+                // an event the base missed. Once per burst.
+                if !self.check_scheduled {
+                    self.check_scheduled = true;
+                    let _ = myself.cast(PolicyMsg::CheckBase);
+                }
+                return;
+            }
+            // No table: trust the feed, fold it after the base.
+        }
+        if self.pending.is_empty() {
+            self.first_pending_at = Some(Instant::now());
+        }
+        self.pending.insert(seq, event);
+    }
+
+    fn folded_contains(&self, seq: i64) -> bool {
+        self.folded.binary_search(&seq).is_ok()
+    }
+
+    /// After events arrived: snapshot at the event threshold, keep the timer.
+    async fn after_change(&mut self, myself: &ActorRef<PolicyMsg>) {
+        if self.pending.len() >= self.config().event_interval {
+            self.snapshot().await;
+        }
+        self.arm_tick(myself);
+    }
+
+    /// When the time threshold falls due, if there are new events.
+    fn time_due(&self) -> Option<Instant> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let since = self.last_snapshot_at.or(self.first_pending_at)?;
+        Some(since + self.config().time_interval)
+    }
+
+    /// Make sure a Tick comes by the next deadline (time threshold or idleness).
+    fn arm_tick(&mut self, myself: &ActorRef<PolicyMsg>) {
+        let idle = self.last_event_at + self.config().idle_timeout;
+        let due = self.time_due().map_or(idle, |t| t.min(idle));
+        if self.tick.as_ref().is_some_and(|(at, _)| *at <= due) {
+            return;
+        }
+        if let Some((_, timer)) = self.tick.take() {
+            timer.abort();
+        }
+        let wait = due.saturating_duration_since(Instant::now());
+        self.tick = Some((due, myself.send_after(wait, || PolicyMsg::Tick)));
+    }
+
+    /// Fold the pending events in sequence order and hand the snapshot to
+    /// the writer. Returns its (version, sequence), or `None` without new
+    /// events.
+    async fn snapshot(&mut self) -> Option<(i32, i64)> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let reducer = self.config().reducer;
+        let mut last = self.base_seq;
+        let pending = std::mem::take(&mut self.pending);
+        let count = pending.len();
+        for (seq, event) in pending {
+            reducer.fold(&mut self.base, &event);
+            last = last.max(seq);
+            self.remember(seq);
+        }
+        self.base_version += count as i32;
+        self.base_seq = last;
+        self.first_pending_at = None;
+        self.send_base().await
+    }
+
+    /// Hand the current base to the writer as a snapshot.
+    async fn send_base(&mut self) -> Option<(i32, i64)> {
+        self.last_snapshot_at = Some(Instant::now());
+        let workflow_id = self
+            .workflow_id
+            .clone()
+            .unwrap_or_else(|| self.args.key.entity_id.clone());
+        let snapshot = match Snapshot::new_as(
+            self.args.store.number_form(),
+            self.args.key.clone(),
+            workflow_id,
+            self.base_version,
+            self.base_seq,
+            Value::Object(self.base.clone()),
+        ) {
+            Ok(snapshot) => snapshot,
+            Err(error) => {
+                self.args.stats.snapshots_rejected.fetch_add(1, Relaxed);
+                tracing::error!(entity = %self.args.key, error = %error, "The entity's state cannot be stored; no snapshot taken.");
+                return None;
+            }
+        };
+        let taken = (snapshot.version, snapshot.sequence);
+        // Waits while the writer holds its maximum: backpressure.
+        let permit = self
+            .args
+            .writer_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .ok()?;
+        if self
+            .args
+            .writer
+            .cast(WriterMsg::Snapshot(Box::new(snapshot), permit))
+            .is_err()
+        {
+            tracing::error!(entity = %self.args.key, "The writer is gone; snapshot dropped.");
+            return None;
+        }
+        Some(taken)
+    }
+
+    fn remember(&mut self, seq: i64) {
+        match self.folded.last() {
+            Some(&last) if last > seq => {
+                let at = self.folded.partition_point(|&s| s < seq);
+                self.folded.insert(at, seq);
+            }
+            _ => self.folded.push(seq),
+        }
+        // With the table to settle older questions, a few windows suffice.
+        let keep = self.config().event_interval.saturating_mul(4).max(64);
+        if self.config().events_table && self.folded.len() > keep * 2 {
+            let cut = self.folded.len() - keep;
+            self.forgotten_upto = self.forgotten_upto.max(self.folded[cut - 1]);
+            self.folded.drain(..cut);
+        }
+    }
+
+    async fn base_matches_table(&self) -> Result<bool, StoreError> {
+        if self.base_seq == 0 {
+            return Ok(true);
+        }
+        let workflow_id = self
+            .workflow_id
+            .clone()
+            .unwrap_or_else(|| self.args.key.entity_id.clone());
+        let count = self
+            .args
+            .store
+            .count_workflow_events(&workflow_id, self.base_seq)
+            .await?;
+        Ok(count == i64::from(self.base_version))
+    }
+
+    /// Replace the base with the table's replay up to `base_seq`.
+    async fn load_base_from_table(&mut self, workflow_id: &str) -> Result<(), StoreError> {
+        let events = self
+            .args
+            .store
+            .workflow_events(workflow_id, 0, self.base_seq)
+            .await?;
+        let reducer = self.config().reducer;
+        self.base = reducer.initial(&self.args.key);
+        self.folded.clear();
+        for event in &events {
+            reducer.fold(&mut self.base, event);
+            self.folded.push(event.sequence);
+        }
+        self.forgotten_upto = 0;
+        self.base_version = events.len() as i32;
+        if let Some(last) = events.last() {
+            self.base_seq = self.base_seq.max(last.sequence);
+        }
+        self.args.stats.rebuilds.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// The base is wrong: rebuild it from the table and snapshot the
+    /// corrected state at once.
+    async fn rebuild_from_table(&mut self, myself: &ActorRef<PolicyMsg>) {
+        let workflow_id = self
+            .workflow_id
+            .clone()
+            .unwrap_or_else(|| self.args.key.entity_id.clone());
+        // Take in whatever the table has up to the newest pending event too.
+        let upto = self
+            .pending
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(self.base_seq)
+            .max(self.base_seq);
+        self.base_seq = upto;
+        match self.load_base_from_table(&workflow_id).await {
+            Ok(()) => {
+                let base_seq = self.base_seq;
+                self.pending.retain(|&seq, _| seq > base_seq);
+                tracing::info!(entity = %self.args.key, version = self.base_version, sequence = self.base_seq,
+                    "Rebuilt the entity from the events table.");
+                if self.base_seq > 0 {
+                    self.send_base().await;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(entity = %self.args.key, error = %chain(&error), "Rebuilding from the events table failed; retrying.");
+                self.check_scheduled = true;
+                myself.send_after(Duration::from_secs(1), || PolicyMsg::CheckBase);
+            }
+        }
+    }
+}

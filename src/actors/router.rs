@@ -1,0 +1,345 @@
+//! The router and supervisor: maps each entity key to its policy actor,
+//! spawning it on first use; restarts one that panics (it hydrates from the
+//! store again); passivates idle ones without losing a message; answers
+//! flush barriers; drains everything at shutdown.
+
+use super::policy::{Policy, PolicyArgs, PolicyConfig, PolicyMsg};
+use super::writer::WriterMsg;
+use crate::model::EntityKey;
+use crate::model::event::Event;
+use crate::stats::Stats;
+use crate::store::Store;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Messages to the router.
+pub enum RouterMsg {
+    /// From a connection reader: one event, with its in-flight permit.
+    Event {
+        connection: u64,
+        event: Box<Event>,
+        permit: OwnedSemaphorePermit,
+    },
+    /// From a connection reader (`flush`): reply once every event this
+    /// connection sent before is folded and the snapshots they triggered
+    /// are committed.
+    Flush {
+        connection: u64,
+        reply: RpcReplyPort<()>,
+    },
+    /// From a connection reader (`snapshot`): snapshot the entity now and
+    /// reply once committed, with its (version, sequence) if one was taken.
+    Snapshot {
+        key: EntityKey,
+        reply: RpcReplyPort<Option<(i32, i64)>>,
+    },
+    /// From a connection reader: the connection ended.
+    Closed { connection: u64 },
+    /// From a policy actor idle for `idle_timeout`: may it stop?
+    Idle { key: EntityKey, id: ActorId },
+    /// From the writer: the events table contradicts this entity's snapshot.
+    Resync(EntityKey),
+    /// From the app at shutdown: stop every policy actor (snapshotting new
+    /// events when `snapshot`), reply when all have stopped.
+    Drain {
+        snapshot: bool,
+        reply: RpcReplyPort<()>,
+    },
+}
+
+/// Start arguments.
+pub struct RouterArgs {
+    pub config: Arc<PolicyConfig>,
+    pub store: Store,
+    pub writer: ActorRef<WriterMsg>,
+    pub writer_permits: Arc<Semaphore>,
+    pub stats: Arc<Stats>,
+}
+
+pub struct Router;
+
+enum Entry {
+    Running(ActorRef<PolicyMsg>),
+    /// Asked to stop; messages wait here until it has, then go to a new actor.
+    Stopping {
+        id: ActorId,
+        stash: Vec<PolicyMsg>,
+        barriers: Vec<RpcReplyPort<()>>,
+    },
+}
+
+pub struct RouterState {
+    args: RouterArgs,
+    entities: HashMap<EntityKey, Entry>,
+    keys_by_actor: HashMap<ActorId, EntityKey>,
+    /// Entities each connection sent events to since its last flush.
+    touched: HashMap<u64, HashSet<EntityKey>>,
+    draining: Option<RpcReplyPort<()>>,
+}
+
+impl Actor for Router {
+    type Msg = RouterMsg;
+    type State = RouterState;
+    type Arguments = RouterArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<RouterMsg>,
+        args: RouterArgs,
+    ) -> Result<RouterState, ActorProcessingErr> {
+        Ok(RouterState {
+            args,
+            entities: HashMap::new(),
+            keys_by_actor: HashMap::new(),
+            touched: HashMap::new(),
+            draining: None,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<RouterMsg>,
+        msg: RouterMsg,
+        state: &mut RouterState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RouterMsg::Event {
+                connection,
+                event,
+                permit,
+            } => {
+                let key = state.args.config.reducer.key_of(&event);
+                if let Some(keys) = state.touched.get_mut(&connection) {
+                    if !keys.contains(&key) {
+                        keys.insert(key.clone());
+                    }
+                } else {
+                    state
+                        .touched
+                        .insert(connection, HashSet::from([key.clone()]));
+                }
+                state
+                    .deliver(&myself, key, PolicyMsg::Event(event, permit))
+                    .await;
+            }
+            RouterMsg::Flush { connection, reply } => {
+                let keys = state.touched.remove(&connection).unwrap_or_default();
+                let mut barriers = Vec::with_capacity(keys.len());
+                for key in keys {
+                    let (tx, rx) = ractor::concurrency::oneshot();
+                    state.barrier(&myself, key, tx.into()).await;
+                    barriers.push(rx);
+                }
+                let writer = state.args.writer.clone();
+                tokio::spawn(async move {
+                    for barrier in barriers {
+                        let _ = barrier.await;
+                    }
+                    if let Ok(ractor::rpc::CallResult::Success(())) =
+                        writer.call(WriterMsg::Flush, None).await
+                    {
+                        let _ = reply.send(());
+                    }
+                });
+            }
+            RouterMsg::Snapshot { key, reply } => {
+                let (tx, rx) = ractor::concurrency::oneshot();
+                state
+                    .deliver(&myself, key, PolicyMsg::ForceSnapshot(tx.into()))
+                    .await;
+                let writer = state.args.writer.clone();
+                tokio::spawn(async move {
+                    let taken = rx.await.ok().flatten();
+                    if let Ok(ractor::rpc::CallResult::Success(())) =
+                        writer.call(WriterMsg::Flush, None).await
+                    {
+                        let _ = reply.send(taken);
+                    }
+                });
+            }
+            RouterMsg::Closed { connection } => {
+                state.touched.remove(&connection);
+            }
+            RouterMsg::Idle { key, id } => {
+                if let Some(Entry::Running(actor)) = state.entities.get(&key)
+                    && actor.get_id() == id
+                {
+                    let _ = actor.cast(PolicyMsg::Stop { snapshot: true });
+                    state.entities.insert(
+                        key,
+                        Entry::Stopping {
+                            id,
+                            stash: Vec::new(),
+                            barriers: Vec::new(),
+                        },
+                    );
+                }
+            }
+            RouterMsg::Resync(key) => state.deliver(&myself, key, PolicyMsg::Resync).await,
+            RouterMsg::Drain { snapshot, reply } => {
+                for entry in state.entities.values_mut() {
+                    if let Entry::Running(actor) = entry {
+                        let id = actor.get_id();
+                        let _ = actor.cast(PolicyMsg::Stop { snapshot });
+                        *entry = Entry::Stopping {
+                            id,
+                            stash: Vec::new(),
+                            barriers: Vec::new(),
+                        };
+                    }
+                }
+                state.draining = Some(reply);
+                state.finish_drain_if_done();
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<RouterMsg>,
+        event: SupervisionEvent,
+        state: &mut RouterState,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                if let Some(key) = state.keys_by_actor.remove(&cell.get_id()) {
+                    state.ended(&myself, key, cell.get_id()).await;
+                }
+            }
+            SupervisionEvent::ActorFailed(cell, error) => {
+                if let Some(key) = state.keys_by_actor.remove(&cell.get_id()) {
+                    state.args.stats.actor_restarts.fetch_add(1, Relaxed);
+                    // post_stop does not run after a panic.
+                    state.args.stats.active_entities.fetch_sub(1, Relaxed);
+                    tracing::error!(entity = %key, error = %error, "Policy actor failed; restarting it from the store.");
+                    state.ended(&myself, key.clone(), cell.get_id()).await;
+                    if state.draining.is_none() && !state.entities.contains_key(&key) {
+                        // Hydration recovers what the table holds.
+                        state.spawn(&myself, key).await;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl RouterState {
+    /// Send `msg` to the entity's actor, spawning it when there is none.
+    async fn deliver(&mut self, myself: &ActorRef<RouterMsg>, key: EntityKey, msg: PolicyMsg) {
+        let msg = match self.entities.get_mut(&key) {
+            Some(Entry::Running(actor)) => match actor.cast(msg) {
+                Ok(()) => return,
+                // Stopped but not yet reported: wait for its termination.
+                Err(ractor::MessagingErr::SendErr(msg)) => {
+                    let id = actor.get_id();
+                    self.entities.insert(
+                        key,
+                        Entry::Stopping {
+                            id,
+                            stash: vec![msg],
+                            barriers: Vec::new(),
+                        },
+                    );
+                    return;
+                }
+                Err(_) => return,
+            },
+            Some(Entry::Stopping { stash, .. }) => {
+                stash.push(msg);
+                return;
+            }
+            None => msg,
+        };
+        if let Some(actor) = self.spawn(myself, key.clone()).await {
+            let _ = actor.cast(msg);
+        }
+    }
+
+    /// A barrier for one entity: answered by its actor, or, when it is
+    /// stopping, once it has stopped (its last snapshot is then with the writer).
+    async fn barrier(
+        &mut self,
+        myself: &ActorRef<RouterMsg>,
+        key: EntityKey,
+        reply: RpcReplyPort<()>,
+    ) {
+        if let Some(Entry::Stopping { barriers, .. }) = self.entities.get_mut(&key) {
+            barriers.push(reply);
+        } else if self.entities.contains_key(&key) {
+            self.deliver(myself, key, PolicyMsg::Barrier(reply)).await;
+        } else {
+            // Passivated already: its snapshot went to the writer before.
+            let _ = reply.send(());
+        }
+    }
+
+    async fn spawn(
+        &mut self,
+        myself: &ActorRef<RouterMsg>,
+        key: EntityKey,
+    ) -> Option<ActorRef<PolicyMsg>> {
+        let args = PolicyArgs {
+            key: key.clone(),
+            config: self.args.config.clone(),
+            store: self.args.store.clone(),
+            writer: self.args.writer.clone(),
+            writer_permits: self.args.writer_permits.clone(),
+            router: myself.clone(),
+            stats: self.args.stats.clone(),
+        };
+        match Actor::spawn_linked(None, Policy, args, myself.get_cell()).await {
+            Ok((actor, _)) => {
+                self.keys_by_actor.insert(actor.get_id(), key.clone());
+                self.entities.insert(key, Entry::Running(actor.clone()));
+                Some(actor)
+            }
+            Err(error) => {
+                tracing::error!(entity = %key, error = %error, "Cannot start a policy actor; its events are dropped.");
+                None
+            }
+        }
+    }
+
+    /// An actor is gone: answer its barriers, hand its stash to a new one.
+    async fn ended(&mut self, myself: &ActorRef<RouterMsg>, key: EntityKey, id: ActorId) {
+        let entry = match self.entities.get(&key) {
+            Some(Entry::Running(actor)) if actor.get_id() == id => self.entities.remove(&key),
+            Some(Entry::Stopping { id: stopping, .. }) if *stopping == id => {
+                self.entities.remove(&key)
+            }
+            _ => None,
+        };
+        if let Some(Entry::Stopping {
+            stash, barriers, ..
+        }) = entry
+        {
+            for barrier in barriers {
+                let _ = barrier.send(());
+            }
+            if !stash.is_empty() {
+                if self.draining.is_some() {
+                    tracing::warn!(entity = %key, messages = stash.len(), "Messages for an entity arrived during shutdown; dropped.");
+                } else if let Some(actor) = self.spawn(myself, key).await {
+                    for msg in stash {
+                        let _ = actor.cast(msg);
+                    }
+                }
+            }
+        }
+        self.finish_drain_if_done();
+    }
+
+    fn finish_drain_if_done(&mut self) {
+        if self.entities.is_empty()
+            && let Some(reply) = self.draining.take()
+        {
+            let _ = reply.send(());
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! The writer actor: receives snapshots from policy actors, keeps only the
+//! newest pending one per entity, commits them in batches (size and time
+//! bounded, one transaction each), prunes old ones, and rides out store
+//! outages with capped backoff, holding what is pending (bounded by the
+//! permits senders acquire) until the store is back.
+
+use super::router::RouterMsg;
+use crate::cli::chain;
+use crate::model::{EntityKey, Snapshot};
+use crate::stats::Stats;
+use crate::store::Store;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+use tokio::sync::OwnedSemaphorePermit;
+
+/// Messages to the writer.
+pub enum WriterMsg {
+    /// From a policy actor: a snapshot to commit. The permit bounds how many
+    /// snapshots wait here; it is released when this one is committed or
+    /// replaced by a newer one.
+    Snapshot(Box<Snapshot>, OwnedSemaphorePermit),
+    /// From a flush (connection `flush` or `snapshot` command): reply once
+    /// every snapshot received before is committed.
+    Flush(RpcReplyPort<()>),
+    /// From a policy actor hydrating: the entity's newest snapshot not yet
+    /// committed, which is newer than anything the store holds.
+    PendingFor(EntityKey, RpcReplyPort<Option<Snapshot>>),
+    /// From the app, once the router exists: where to report entities whose
+    /// snapshot the events table contradicts.
+    SetRouter(ActorRef<RouterMsg>),
+    /// To itself: commit now (batch delay elapsed, batch full, retry).
+    Commit,
+    /// From the app at shutdown: commit everything, retrying until the
+    /// deadline; reply with the number of snapshots that could not be.
+    Drain(Instant, RpcReplyPort<usize>),
+}
+
+/// Start arguments.
+pub struct WriterArgs {
+    pub store: Store,
+    /// Check each snapshot against stabilize's events table before writing.
+    pub covered: bool,
+    pub batch_size: usize,
+    pub batch_delay: Duration,
+    pub retry_max: Duration,
+    pub keep_snapshots: u32,
+    pub stats: Arc<Stats>,
+}
+
+pub struct Writer;
+
+struct Pending {
+    snapshot: Box<Snapshot>,
+    ticket: u64,
+    _permit: OwnedSemaphorePermit,
+}
+
+pub struct WriterState {
+    args: WriterArgs,
+    router: Option<ActorRef<RouterMsg>>,
+    pending: HashMap<EntityKey, Pending>,
+    next_ticket: u64,
+    /// Flushes waiting for every ticket up to theirs.
+    waiters: Vec<(u64, RpcReplyPort<()>)>,
+    commit_scheduled: bool,
+    /// Non-zero while the store is failing.
+    backoff: Duration,
+    draining: Option<(Instant, RpcReplyPort<usize>)>,
+}
+
+impl Actor for Writer {
+    type Msg = WriterMsg;
+    type State = WriterState;
+    type Arguments = WriterArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<WriterMsg>,
+        args: WriterArgs,
+    ) -> Result<WriterState, ActorProcessingErr> {
+        Ok(WriterState {
+            args,
+            router: None,
+            pending: HashMap::new(),
+            next_ticket: 1,
+            waiters: Vec::new(),
+            commit_scheduled: false,
+            backoff: Duration::ZERO,
+            draining: None,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<WriterMsg>,
+        msg: WriterMsg,
+        state: &mut WriterState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            WriterMsg::Snapshot(snapshot, permit) => {
+                let ticket = state.next_ticket;
+                state.next_ticket += 1;
+                let key = snapshot.key.clone();
+                let newer = state
+                    .pending
+                    .get(&key)
+                    .is_none_or(|old| snapshot.version >= old.snapshot.version);
+                if newer {
+                    state.pending.insert(
+                        key,
+                        Pending {
+                            snapshot,
+                            ticket,
+                            _permit: permit,
+                        },
+                    );
+                }
+                state.publish_depth();
+                if state.pending.len() >= state.args.batch_size && state.backoff.is_zero() {
+                    state.commit(&myself).await;
+                } else {
+                    state.schedule(&myself, state.args.batch_delay);
+                }
+            }
+            WriterMsg::Flush(reply) => {
+                let upto = state.next_ticket - 1;
+                state.waiters.push((upto, reply));
+                state.answer_waiters();
+                if !state.waiters.is_empty() && state.backoff.is_zero() {
+                    state.commit(&myself).await;
+                }
+            }
+            WriterMsg::PendingFor(key, reply) => {
+                let _ = reply.send(state.pending.get(&key).map(|p| (*p.snapshot).clone()));
+            }
+            WriterMsg::SetRouter(router) => state.router = Some(router),
+            WriterMsg::Commit => {
+                state.commit_scheduled = false;
+                state.commit(&myself).await;
+            }
+            WriterMsg::Drain(deadline, reply) => {
+                state.draining = Some((deadline, reply));
+                state.backoff = Duration::ZERO;
+                state.commit(&myself).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl WriterState {
+    fn schedule(&mut self, myself: &ActorRef<WriterMsg>, after: Duration) {
+        if !self.commit_scheduled {
+            self.commit_scheduled = true;
+            if after.is_zero() {
+                let _ = myself.cast(WriterMsg::Commit);
+            } else {
+                myself.send_after(after, || WriterMsg::Commit);
+            }
+        }
+    }
+
+    fn publish_depth(&self) {
+        self.args
+            .stats
+            .writer_pending
+            .store(self.pending.len() as i64, Relaxed);
+    }
+
+    /// Commit one batch (oldest first); then decide what comes next.
+    async fn commit(&mut self, myself: &ActorRef<WriterMsg>) {
+        if self.pending.is_empty() {
+            self.finish_drain_if_done();
+            return;
+        }
+        let mut batch: Vec<(&EntityKey, &Pending)> = self.pending.iter().collect();
+        batch.sort_unstable_by_key(|(_, p)| p.ticket);
+        batch.truncate(self.args.batch_size);
+        let keys: Vec<EntityKey> = batch.iter().map(|(k, _)| (*k).clone()).collect();
+        let snapshots: Vec<Snapshot> = batch.iter().map(|(_, p)| (*p.snapshot).clone()).collect();
+        let store = &self.args.store;
+        let result = if self.args.covered {
+            store.save_batch_covered(&snapshots).await
+        } else {
+            store.save_batch(&snapshots).await
+        };
+        let stats = &self.args.stats;
+        match result {
+            Ok(outcome) => {
+                if !self.backoff.is_zero() {
+                    tracing::info!(
+                        pending = self.pending.len(),
+                        "Store is back; writing resumed."
+                    );
+                }
+                self.backoff = Duration::ZERO;
+                stats.store_up.store(1, Relaxed);
+                stats.snapshots_written.fetch_add(outcome.written, Relaxed);
+                for rejected in &outcome.rejected {
+                    stats.snapshots_rejected.fetch_add(1, Relaxed);
+                    tracing::error!(entity = %rejected.key, version = rejected.version, error = %rejected.reason, "Snapshot refused by the store; it is not written.");
+                }
+                for uncovered in &outcome.mismatched {
+                    stats.snapshots_uncovered.fetch_add(1, Relaxed);
+                    tracing::warn!(entity = %uncovered.key, version = uncovered.version, sequence = uncovered.sequence,
+                        events_in_table = uncovered.table_count, "Snapshot does not cover exactly the workflow's events; rebuilding it from the events table.");
+                    if let Some(router) = &self.router {
+                        let _ = router.cast(RouterMsg::Resync(uncovered.key.clone()));
+                    }
+                }
+                for key in &keys {
+                    self.pending.remove(key);
+                }
+                if let Err(error) = store.prune_entities(&keys, self.args.keep_snapshots).await {
+                    tracing::warn!(error = %chain(&error), "Pruning old snapshots failed; will prune on a later batch.");
+                }
+                self.publish_depth();
+                self.answer_waiters();
+                if self.pending.len() >= self.args.batch_size
+                    || !self.waiters.is_empty()
+                    || self.draining.is_some()
+                {
+                    self.schedule(myself, Duration::ZERO);
+                } else if !self.pending.is_empty() {
+                    self.schedule(myself, self.args.batch_delay);
+                }
+            }
+            Err(error) => {
+                stats.write_errors.fetch_add(1, Relaxed);
+                stats.store_up.store(0, Relaxed);
+                self.backoff =
+                    (self.backoff * 2).clamp(Duration::from_millis(100), self.args.retry_max);
+                tracing::error!(error = %chain(&error), pending = self.pending.len(), retry_in_ms = self.backoff.as_millis() as u64,
+                    "Writing snapshots failed; keeping them and retrying.");
+                if let Some((deadline, _)) = &self.draining
+                    && Instant::now() + self.backoff > *deadline
+                {
+                    let lost = self.pending.len();
+                    if let Some((_, reply)) = self.draining.take() {
+                        let _ = reply.send(lost);
+                    }
+                    return;
+                }
+                self.schedule(myself, self.backoff);
+            }
+        }
+        self.finish_drain_if_done();
+    }
+
+    fn answer_waiters(&mut self) {
+        let oldest = self
+            .pending
+            .values()
+            .map(|p| p.ticket)
+            .min()
+            .unwrap_or(u64::MAX);
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|(upto, _)| *upto < oldest);
+        self.waiters = waiting;
+        for (_, reply) in done {
+            let _ = reply.send(());
+        }
+    }
+
+    fn finish_drain_if_done(&mut self) {
+        if self.pending.is_empty()
+            && let Some((_, reply)) = self.draining.take()
+        {
+            let _ = reply.send(0);
+        }
+    }
+}

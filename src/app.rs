@@ -1,0 +1,263 @@
+//! Start and stop the daemon: store, writer, router, socket, in that order;
+//! shutdown in the reverse order, each step bounded by the grace period.
+
+use crate::actors::ingest::{self, IngestContext};
+use crate::actors::policy::PolicyConfig;
+use crate::actors::router::{Router, RouterArgs, RouterMsg};
+use crate::actors::writer::{Writer, WriterArgs, WriterMsg};
+use crate::cli::chain;
+use crate::model::event::Limits;
+use crate::reducer::Reducer;
+use crate::settings::{EventsTable, Settings};
+use crate::stats::Stats;
+use crate::store::{Store, StoreError, StoreOptions};
+use ractor::{Actor, ActorRef};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::UnixListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+/// Events read from sockets but not yet handled by their policy actor.
+const MAX_INFLIGHT_EVENTS: usize = 65_536;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("socket {path} is in use by a running snapshotd (or another program)")]
+    SocketInUse { path: PathBuf },
+    #[error("cannot bind socket {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot set socket {path} to mode {mode} / group `{group}`: {reason}")]
+    SocketPermissions {
+        path: PathBuf,
+        mode: String,
+        group: String,
+        reason: String,
+    },
+    #[error("cannot start the {0} actor: {1}")]
+    Spawn(&'static str, String),
+}
+
+/// A running daemon.
+pub struct App {
+    pub socket_path: PathBuf,
+    pub stats: Arc<Stats>,
+    settings: Settings,
+    store: Store,
+    router: ActorRef<RouterMsg>,
+    writer: ActorRef<WriterMsg>,
+    stop_ingest: watch::Sender<bool>,
+    ingest: JoinHandle<()>,
+}
+
+impl App {
+    /// Connect, create the table, spawn the actors, bind the socket.
+    pub async fn start(settings: Settings) -> Result<App, StartError> {
+        let store = Store::connect(&StoreOptions {
+            url: settings.database.url.clone(),
+            pool_size: settings.database.pool_size,
+        })
+        .await?;
+        store.migrate().await?;
+        let reducer = Reducer::from(settings.reducer.kind);
+        let events_table = reducer == Reducer::Stabilize
+            && settings.database.events_table == EventsTable::Auto
+            && store.has_events_table().await?;
+        tracing::info!(
+            database = %crate::store::redact(&settings.database.url),
+            events_table,
+            reducer = ?reducer,
+            "Store ready."
+        );
+        let stats = Arc::new(Stats::default());
+
+        let (writer, _) = Actor::spawn(
+            None,
+            Writer,
+            WriterArgs {
+                store: store.clone(),
+                covered: events_table,
+                batch_size: settings.writer.batch_size,
+                batch_delay: Duration::from_millis(settings.writer.batch_delay_ms),
+                retry_max: Duration::from_secs(settings.writer.retry_max_secs),
+                keep_snapshots: settings.policy.keep_snapshots,
+                stats: stats.clone(),
+            },
+        )
+        .await
+        .map_err(|e| StartError::Spawn("writer", e.to_string()))?;
+
+        let config = Arc::new(PolicyConfig {
+            reducer,
+            event_interval: settings.policy.event_interval as usize,
+            time_interval: settings.policy.time_interval(),
+            idle_timeout: settings.policy.idle_timeout(),
+            events_table,
+        });
+        let (router, _) = Actor::spawn(
+            None,
+            Router,
+            RouterArgs {
+                config,
+                store: store.clone(),
+                writer: writer.clone(),
+                writer_permits: Arc::new(Semaphore::new(settings.writer.max_pending)),
+                stats: stats.clone(),
+            },
+        )
+        .await
+        .map_err(|e| StartError::Spawn("router", e.to_string()))?;
+        writer
+            .cast(WriterMsg::SetRouter(router.clone()))
+            .map_err(|e| StartError::Spawn("writer", e.to_string()))?;
+
+        let listener = bind_socket(&settings)?;
+        let (stop_ingest, stop_rx) = watch::channel(false);
+        let ctx = IngestContext {
+            router: router.clone(),
+            store: store.clone(),
+            stats: stats.clone(),
+            inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_EVENTS)),
+            max_frame_bytes: settings.socket.max_frame_bytes,
+            limits: Limits {
+                max_depth: settings.socket.max_depth,
+                numbers: store.number_form(),
+            },
+            max_connections: settings.socket.max_connections,
+        };
+        let ingest = tokio::spawn(ingest::serve(listener, ctx, stop_rx));
+        tracing::info!(socket = %settings.socket.path.display(), "Listening.");
+        Ok(App {
+            socket_path: settings.socket.path.clone(),
+            stats,
+            settings,
+            store,
+            router,
+            writer,
+            stop_ingest,
+            ingest,
+        })
+    }
+
+    /// Stop in order: accepting, the socket file, readers, policy actors
+    /// (snapshotting new events), the writer (committing), the pool.
+    /// Returns the number of snapshots that could not be committed in time.
+    pub async fn shutdown(self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(self.settings.shutdown.grace_secs);
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let _ = self.stop_ingest.send(true);
+        let _ = std::fs::remove_file(&self.socket_path);
+        if tokio::time::timeout(left(), self.ingest).await.is_err() {
+            tracing::warn!("Readers did not stop in time.");
+        }
+        let snapshot = self.settings.shutdown.snapshot_on_shutdown;
+        let drained = self
+            .router
+            .call(|reply| RouterMsg::Drain { snapshot, reply }, Some(left()))
+            .await;
+        if !matches!(drained, Ok(ractor::rpc::CallResult::Success(()))) {
+            tracing::warn!("Policy actors did not all stop in time.");
+        }
+        let lost = match self
+            .writer
+            .call(
+                |reply| WriterMsg::Drain(deadline, reply),
+                Some(left() + Duration::from_secs(1)),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(lost)) => lost,
+            _ => usize::MAX,
+        };
+        self.router.stop(None);
+        self.writer.stop(None);
+        self.store.close().await;
+        lost
+    }
+}
+
+/// Run until SIGTERM or SIGINT, then shut down. `Ok` means a clean exit.
+pub async fn run(settings: Settings) -> Result<(), String> {
+    let app = App::start(settings).await.map_err(|e| chain(&e))?;
+    wait_for_signal().await;
+    tracing::info!("Shutting down.");
+    match app.shutdown().await {
+        0 => {
+            tracing::info!("Stopped cleanly.");
+            Ok(())
+        }
+        usize::MAX => Err("shutdown did not finish within the grace period".into()),
+        lost => Err(format!(
+            "{lost} snapshots could not be committed before the grace period ended"
+        )),
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install the SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+/// Bind the socket, replacing a stale file left by a crash, then set its
+/// mode and group.
+fn bind_socket(settings: &Settings) -> Result<UnixListener, StartError> {
+    let path = &settings.socket.path;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(StartError::SocketInUse { path: path.clone() });
+        }
+        tracing::info!(socket = %path.display(), "Replacing a stale socket file.");
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let listener = UnixListener::bind(path).map_err(|source| StartError::Bind {
+        path: path.clone(),
+        source,
+    })?;
+    let permissions = |reason: String| StartError::SocketPermissions {
+        path: path.clone(),
+        mode: settings.socket.mode.clone(),
+        group: settings.socket.group.clone(),
+        reason,
+    };
+    std::fs::set_permissions(
+        path,
+        std::fs::Permissions::from_mode(settings.socket.mode_bits()),
+    )
+    .map_err(|e| permissions(e.to_string()))?;
+    if !settings.socket.group.is_empty() {
+        let gid =
+            group_id(&settings.socket.group).ok_or_else(|| permissions("no such group".into()))?;
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| permissions(e.to_string()))?;
+    }
+    Ok(listener)
+}
+
+/// A group given by number or by name (from /etc/group).
+fn group_id(group: &str) -> Option<u32> {
+    if let Ok(gid) = group.parse() {
+        return Some(gid);
+    }
+    let groups = std::fs::read_to_string(Path::new("/etc/group")).ok()?;
+    groups.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == group).then(|| fields.nth(1)?.parse().ok())?
+    })
+}

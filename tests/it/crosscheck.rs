@@ -1,0 +1,124 @@
+//! The acceptance test: workflows made by stabilize itself, streamed to the
+//! real daemon (in order, then duplicated and shuffled, then across a
+//! crash), and every snapshot row checked by stabilize: `Snapshot.from_dict`
+//! accepts it and its state equals `EventReplayer.rebuild_workflow_state`
+//! up to its sequence.
+
+use crate::helpers::{Backend, Daemon, run_python};
+use std::path::Path;
+
+/// Small thresholds so every workflow gets several snapshots; keep them all,
+/// and commit each on its own so none is superseded before it is written.
+const POLICY: &str = "[policy]\nevent_interval = 5\nkeep_snapshots = 0\ntime_interval_secs = 3600\n[writer]\nbatch_size = 1\n";
+
+/// The same, with the writer batching as in production (snapshots of one
+/// workflow supersede each other while they wait).
+const BATCHED: &str =
+    "[policy]\nevent_interval = 5\nkeep_snapshots = 0\ntime_interval_secs = 3600\n";
+
+fn generate(backend: &Backend, dir: &Path, workflows: u32, disorder: bool) -> std::path::PathBuf {
+    let out = dir.join(if disorder {
+        "disorder.ndjson"
+    } else {
+        "events.ndjson"
+    });
+    let mut args = backend.python_args();
+    args.extend([
+        "--workflows".into(),
+        workflows.to_string(),
+        "--seed".into(),
+        "7".into(),
+        "--out".into(),
+        out.display().to_string(),
+    ]);
+    if disorder {
+        args.push("--disorder".into());
+    }
+    run_python(
+        "gen_workflows.py",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    out
+}
+
+/// Every row passes stabilize's checks; at least `min_rows` rows.
+fn verify(backend: &Backend, min_rows: usize) -> serde_json::Value {
+    let mut args = backend.python_args();
+    args.extend(["--min-rows".into(), min_rows.to_string()]);
+    let out = run_python(
+        "verify_snapshots.py",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).expect("summary JSON");
+    assert_eq!(summary["failures"], 0, "{summary}");
+    summary
+}
+
+fn stream(daemon: &Daemon, file: &Path) {
+    let out = daemon.send_file(file, true);
+    assert!(
+        out.status.success(),
+        "send failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log()
+    );
+}
+
+async fn cross_check(backend: Backend, disorder: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let events = generate(&backend, dir.path(), 300, disorder);
+    let daemon = Daemon::start(dir.path(), &backend.url(), POLICY);
+    stream(&daemon, &events);
+    // 300 workflows of 9-49 events at 5 events a snapshot: well over 1000
+    // rows in order; under disorder late events fold into fewer, larger
+    // windows, still several per workflow.
+    let min_rows = if disorder { 400 } else { 1000 };
+    let summary = verify(&backend, min_rows);
+    assert!(
+        summary["rows"].as_u64().unwrap() >= min_rows as u64,
+        "{summary}"
+    );
+}
+
+#[tokio::test]
+async fn every_snapshot_equals_stabilizes_replay_on_postgres() {
+    cross_check(Backend::postgres().await, false).await;
+}
+
+#[tokio::test]
+async fn every_snapshot_equals_stabilizes_replay_on_postgres_under_duplicates_and_disorder() {
+    cross_check(Backend::postgres().await, true).await;
+}
+
+#[tokio::test]
+async fn every_snapshot_equals_stabilizes_replay_on_sqlite() {
+    cross_check(Backend::sqlite(), false).await;
+}
+
+#[tokio::test]
+async fn every_snapshot_equals_stabilizes_replay_on_sqlite_under_duplicates_and_disorder() {
+    cross_check(Backend::sqlite(), true).await;
+}
+
+#[tokio::test]
+async fn a_crash_mid_stream_and_a_full_resend_still_give_exact_snapshots() {
+    let backend = Backend::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let events = generate(&backend, dir.path(), 200, true);
+    let text = std::fs::read_to_string(&events).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let half = dir.path().join("half.ndjson");
+    std::fs::write(&half, lines[..lines.len() / 2].join("\n")).unwrap();
+
+    let mut daemon = Daemon::start(dir.path(), &backend.url(), BATCHED);
+    let out = daemon.send_file(&half, false);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    daemon.kill();
+    daemon.restart();
+    stream(&daemon, &events);
+    verify(&backend, 200);
+}

@@ -1,0 +1,189 @@
+//! The daemon through its socket: thresholds, bad input, shutdown.
+
+use crate::helpers::{Backend, Daemon, eventually};
+use serde_json::{Value, json};
+
+fn event(seq: i64, workflow: &str, event_type: &str, data: Value) -> Vec<u8> {
+    json!({
+        "event_id": format!("E{seq:025}"), "event_type": event_type,
+        "timestamp": "2026-11-26T03:59:48.120000+00:00", "sequence": seq,
+        "entity_type": "workflow", "entity_id": workflow, "workflow_id": workflow,
+        "version": seq, "data": data, "metadata": {"correlation_id": "c"}, "schema_version": 1,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn get(daemon: &Daemon, workflow: &str) -> Value {
+    daemon.command(json!({"op": "get", "entity_type": "workflow", "entity_id": workflow}))
+}
+
+#[test]
+fn the_time_threshold_snapshots_a_quiet_entity() {
+    let backend = Backend::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        "[policy]\nevent_interval = 1000\ntime_interval_secs = 1\n",
+    );
+    let replies = daemon.converse(&[
+        event(
+            1,
+            "quiet",
+            "workflow.created",
+            json!({"application": "a", "name": "n"}),
+        ),
+        event(2, "quiet", "workflow.started", json!({"context": {"k": 1}})),
+        event(3, "quiet", "context.updated", json!({"context": {"k": 2}})),
+    ]);
+    assert!(replies.is_empty(), "{replies:?}");
+    let snapshot = eventually(20, "the time threshold", || {
+        let reply = get(&daemon, "quiet");
+        (reply["ok"] == true).then(|| reply["snapshot"].clone())
+    });
+    assert_eq!(snapshot["version"], 3);
+    assert_eq!(snapshot["sequence"], 3);
+    assert_eq!(snapshot["state"]["status"], "RUNNING");
+    assert_eq!(snapshot["state"]["context"], json!({"k": 2}));
+}
+
+#[test]
+fn every_kind_of_bad_frame_is_answered_and_the_good_events_all_count() {
+    let backend = Backend::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        "[socket]\nmax_frame_bytes = 4096\nmax_depth = 16\n[policy]\nevent_interval = 1000\n",
+    );
+    let oversized = event(
+        99,
+        "bad",
+        "context.updated",
+        json!({"context": {"x": "y".repeat(10_000)}}),
+    );
+    let frames: Vec<Vec<u8>> = vec![
+        event(1, "wf", "workflow.created", json!({"application": "a"})), // 1
+        b"{not json".to_vec(),                                               // 2
+        event(2, "wf", "workflow.started", json!({"context": {"n": 1}})),  // 3
+        br#"{"event_type":"x","timestamp":"2026-11-26T00:00:00Z","entity_type":"workflow","entity_id":"w","workflow_id":"w"}"#.to_vec(), // 4 missing sequence
+        br#"{"event_type":"x","timestamp":"2026-11-26T00:00:00Z","sequence":"five","entity_type":"workflow","entity_id":"w","workflow_id":"w"}"#.to_vec(), // 5 wrong type
+        oversized,                                                           // 6
+        b"{\"op\":\"ping\",\"x\":\"\xff\xfe\"}".to_vec(),                   // 7 invalid UTF-8
+        format!("{}{}", "[".repeat(40), "]".repeat(40)).into_bytes(),        // 8 too deep
+        event(3, "wf", "context.updated", json!({"context": {"s": "a\u{0}b"}})), // 9 U+0000
+        br#"{"op":"launch"}"#.to_vec(),                                      // 10
+        event(4, "wf", "context.updated", json!({"context": {"n": 2}})),   // 11
+        br#"{"op":"flush"}"#.to_vec(),                                       // 12
+    ];
+    let replies = daemon.converse(&frames);
+    let errors: Vec<(u64, String)> = replies
+        .iter()
+        .filter(|r| r["ok"] == false)
+        .map(|r| {
+            (
+                r["frame"].as_u64().unwrap(),
+                r["error"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expect = [
+        (2, "malformed JSON"),
+        (4, "missing field `sequence`"),
+        (5, "field `sequence` must be an integer"),
+        (6, "longer than max_frame_bytes"),
+        (7, "not valid UTF-8"),
+        (8, "deeper than 16"),
+        (9, "U+0000"),
+        (10, "unknown op `launch`"),
+    ];
+    assert_eq!(errors.len(), expect.len(), "{errors:?}");
+    for ((frame, error), (want_frame, want)) in errors.iter().zip(expect) {
+        assert_eq!(*frame, want_frame, "{errors:?}");
+        assert!(error.contains(want), "frame {frame}: {error}");
+    }
+    assert!(
+        replies
+            .iter()
+            .any(|r| r["op"] == "flush" && r["ok"] == true),
+        "{replies:?}"
+    );
+
+    // The good events were all folded: force the snapshot and read it.
+    let taken =
+        daemon.command(json!({"op": "snapshot", "entity_type": "workflow", "entity_id": "wf"}));
+    assert_eq!(taken["version"], 3, "{taken}");
+    let snapshot = &get(&daemon, "wf")["snapshot"];
+    assert_eq!(snapshot["state"]["context"], json!({"n": 2}));
+    assert_eq!(snapshot["sequence"], 4);
+    let stats = &daemon.command(json!({"op": "stats"}))["stats"];
+    assert_eq!(stats["events_received"], 3, "{stats}");
+    assert_eq!(stats["events_invalid"], 8, "{stats}");
+    assert_eq!(daemon.command(json!({"op": "ping"}))["ok"], true);
+}
+
+#[test]
+fn a_producer_that_never_reads_replies_does_not_stall_the_daemon() {
+    use std::io::Write;
+    let backend = Backend::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &backend.url(), "");
+    let mut deaf = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    // Far more error replies than any socket buffer holds, never read.
+    let junk = "{junk\n".repeat(200_000);
+    deaf.write_all(junk.as_bytes()).unwrap();
+    deaf.write_all(&event(1, "after", "workflow.created", json!({})))
+        .unwrap();
+    deaf.write_all(b"\n").unwrap();
+    let taken = eventually(30, "the event after the junk", || {
+        let reply = daemon
+            .command(json!({"op": "snapshot", "entity_type": "workflow", "entity_id": "after"}));
+        (reply["taken"] == true).then_some(reply)
+    });
+    assert_eq!(taken["version"], 1);
+    let stats = &daemon.command(json!({"op": "stats"}))["stats"];
+    assert_eq!(stats["events_invalid"], 200_000, "{stats}");
+    assert!(stats["replies_dropped"].as_u64().unwrap() > 0, "{stats}");
+    drop(deaf);
+}
+
+#[tokio::test]
+async fn sigterm_commits_pending_snapshots_and_removes_the_socket() {
+    let backend = Backend::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        "[policy]\nevent_interval = 1000\n",
+    );
+    let mut frames = Vec::new();
+    for w in 0..20 {
+        for s in 0..3 {
+            let seq = w * 3 + s + 1;
+            frames.push(event(
+                seq,
+                &format!("wf{w}"),
+                "context.updated",
+                json!({"context": {"s": s}}),
+            ));
+        }
+    }
+    assert!(daemon.converse(&frames).is_empty());
+    let status = daemon.terminate();
+    assert!(status.success(), "exit {status}:\n{}", daemon.log());
+    assert!(!daemon.socket.exists(), "the socket file is still there");
+    let store = backend.store().await;
+    for w in 0..20 {
+        let key = snapshotd::model::EntityKey::new(
+            snapshotd::model::EntityType::Workflow,
+            format!("wf{w}"),
+        );
+        let snapshot = store
+            .latest(&key)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("wf{w} has no snapshot"));
+        assert_eq!(snapshot.version, 3);
+    }
+}
