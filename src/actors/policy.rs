@@ -28,9 +28,11 @@
 //!   writer's uncommitted snapshot or the store's latest verified one, checks
 //!   it against the table, and loads the table's events after it as pending:
 //!   a restart loses nothing, and resent events are duplicates.
-//! * Without an events table the feed is trusted: late events are folded in
-//!   arrival order after the base and counted in `events_late`, and every
-//!   sequence the actor folded is remembered to drop duplicates.
+//! * Without an events table the feed is trusted: every sequence the actor
+//!   folded is remembered to drop duplicates; a sequence at or below the
+//!   snapshot it hydrated from counts as covered by it (a resend); any other
+//!   late event is folded after the base in arrival order and counted in
+//!   `events_late`.
 
 use super::router::RouterMsg;
 use super::writer::WriterMsg;
@@ -188,6 +190,9 @@ impl Actor for Policy {
                     state.after_change(&myself).await;
                 }
                 Err(error) => {
+                    if error.is_transient() {
+                        state.args.stats.store_up.store(0, Relaxed);
+                    }
                     tracing::error!(entity = %state.args.key, error = %chain(&error), "Loading the entity's history failed; retrying.");
                     state.hydrate_backoff =
                         (state.hydrate_backoff * 2).min(Duration::from_secs(30));
@@ -375,7 +380,15 @@ impl PolicyState {
                 }
                 return;
             }
-            // No table: trust the feed, fold it after the base.
+            if seq <= self.forgotten_upto {
+                // No table: the snapshot we started from covers the feed up
+                // to its sequence; this is a resend of what it folded.
+                self.args.stats.events_late.fetch_sub(1, Relaxed);
+                self.args.stats.events_duplicate.fetch_add(1, Relaxed);
+                return;
+            }
+            // No table, and this actor saw the feed since: a late event.
+            // Trust the feed and fold it after the base.
         }
         if self.pending.is_empty() {
             self.first_pending_at = Some(Instant::now());

@@ -187,3 +187,121 @@ async fn sigterm_commits_pending_snapshots_and_removes_the_socket() {
         assert_eq!(snapshot.version, 3);
     }
 }
+
+#[test]
+fn the_socket_gets_its_mode_and_a_stale_file_is_replaced() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let backend = Backend::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    // A crash leaves the socket file behind with nobody listening.
+    let stale = std::os::unix::net::UnixListener::bind(dir.path().join("snapshotd.sock")).unwrap();
+    drop(stale);
+    assert!(dir.path().join("snapshotd.sock").exists());
+    let daemon = Daemon::start(dir.path(), &backend.url(), "[socket]\nmode = \"0600\"\n");
+    let meta = std::fs::metadata(&daemon.socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(daemon.command(json!({"op": "ping"}))["ok"], true);
+    // A second daemon on the same socket refuses to start and says why.
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_snapshotd"))
+        .args(["run"])
+        .env("SNAPSHOTD_SOCKET__PATH", &daemon.socket)
+        .env("SNAPSHOTD_DATABASE__URL", backend.url())
+        .env("SNAPSHOTD_METRICS__ADDRESS", "")
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("is in use"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+}
+
+#[test]
+fn an_idle_entity_is_passivated_after_its_snapshot_and_comes_back_hydrated() {
+    let backend = Backend::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        "[policy]\nevent_interval = 1000\nidle_timeout_secs = 1\n",
+    );
+    daemon.converse(&[
+        event(1, "idle", "workflow.created", json!({"application": "a"})),
+        event(2, "idle", "workflow.started", json!({"context": {"n": 1}})),
+    ]);
+    eventually(20, "passivation", || {
+        let stats = daemon.command(json!({"op": "stats"}))["stats"].clone();
+        (stats["active_entities"] == 0 && stats["snapshots_written"] == 1).then_some(())
+    });
+    assert_eq!(get(&daemon, "idle")["snapshot"]["version"], 2);
+    // It comes back from its snapshot: a duplicate is dropped, a new event counts.
+    daemon.converse(&[
+        event(2, "idle", "workflow.started", json!({"context": {"n": 1}})),
+        event(3, "idle", "context.updated", json!({"context": {"n": 2}})),
+    ]);
+    let taken =
+        daemon.command(json!({"op": "snapshot", "entity_type": "workflow", "entity_id": "idle"}));
+    assert_eq!(taken["version"], 3, "{taken}");
+    let snapshot = &get(&daemon, "idle")["snapshot"];
+    assert_eq!(snapshot["state"]["context"], json!({"n": 2}));
+    assert_eq!(snapshot["state"]["application"], "a");
+    let stats = &daemon.command(json!({"op": "stats"}))["stats"];
+    assert_eq!(stats["hydrations"], 1, "{stats}");
+    assert_eq!(stats["events_duplicate"], 1, "{stats}");
+    assert_eq!(stats["events_late"], 0, "{stats}");
+}
+
+#[tokio::test]
+async fn a_store_outage_loses_nothing_and_writing_resumes() {
+    let backend = Backend::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        "[policy]\nevent_interval = 2\n[writer]\nretry_max_secs = 1\n",
+    );
+    let Backend::Postgres(db) = &backend else {
+        unreachable!()
+    };
+    let frame = |seq: i64| {
+        event(
+            seq,
+            &format!("out{}", seq % 5),
+            "context.updated",
+            json!({"context": {"seq": seq}}),
+        )
+    };
+    // The entities are known before the outage...
+    let mut frames: Vec<Vec<u8>> = (1..=5).map(frame).collect();
+    frames.push(br#"{"op":"flush"}"#.to_vec());
+    assert_eq!(daemon.converse(&frames).len(), 1);
+    // ...then the store goes away (connections cut, new ones refused) while
+    // their snapshots fall due.
+    db.set_reachable(false).await;
+    let frames: Vec<Vec<u8>> = (6..=20).map(frame).collect();
+    assert!(daemon.converse(&frames).is_empty());
+    eventually(30, "the writer to notice the outage", || {
+        let stats = daemon.command(json!({"op": "stats"}))["stats"].clone();
+        (stats["store_up"] == false && stats["write_errors"].as_u64() > Some(0)).then_some(())
+    });
+    assert_eq!(
+        daemon.command(json!({"op": "ping"}))["ok"],
+        true,
+        "the daemon stays up"
+    );
+    db.set_reachable(true).await;
+    let flushed = daemon.command(json!({"op": "flush"}));
+    assert_eq!(flushed["ok"], true);
+    let stats = &daemon.command(json!({"op": "stats"}))["stats"];
+    assert_eq!(stats["store_up"], true, "{stats}");
+    for w in 0..5 {
+        let snapshot = &get(&daemon, &format!("out{w}"))["snapshot"];
+        assert_eq!(snapshot["version"], 4, "out{w}: {snapshot}");
+    }
+    assert!(
+        daemon.log().contains("Writing snapshots failed"),
+        "the outage is logged"
+    );
+}

@@ -216,6 +216,30 @@ impl TestDb {
             .expect("connect to the test database")
     }
 
+    /// Make the database unreachable (existing connections cut, new ones
+    /// refused) or reachable again: a store outage.
+    pub async fn set_reachable(&self, reachable: bool) {
+        let mut admin = PgConnection::connect(admin_url())
+            .await
+            .expect("connect as admin");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER DATABASE {} WITH ALLOW_CONNECTIONS {reachable}",
+            self.name
+        )))
+        .execute(&mut admin)
+        .await
+        .expect("toggle connections");
+        if !reachable {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            )
+            .bind(&self.name)
+            .execute(&mut admin)
+            .await
+            .expect("cut connections");
+        }
+    }
+
     /// The libpq form of the URL, for Python.
     pub fn dsn(&self) -> String {
         self.url.replacen("postgres://", "postgresql://", 1)
