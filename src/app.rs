@@ -51,6 +51,9 @@ pub enum StartError {
 /// A running daemon.
 pub struct App {
     pub socket_path: PathBuf,
+    /// The socket came from systemd (socket activation): systemd owns the file.
+    activated: bool,
+    watchdog: Option<JoinHandle<()>>,
     pub stats: Arc<Stats>,
     settings: Settings,
     store: Store,
@@ -121,7 +124,10 @@ impl App {
             .cast(WriterMsg::SetRouter(router.clone()))
             .map_err(|e| StartError::Spawn("writer", e.to_string()))?;
 
-        let listener = bind_socket(&settings)?;
+        let (listener, activated) = match activated_listener()? {
+            Some(listener) => (listener, true),
+            None => (bind_socket(&settings)?, false),
+        };
         let (stop_ingest, stop_rx) = watch::channel(false);
         let ctx = IngestContext {
             router: router.clone(),
@@ -136,8 +142,20 @@ impl App {
             max_connections: settings.socket.max_connections,
         };
         let ingest = tokio::spawn(ingest::serve(listener, ctx, stop_rx));
-        tracing::info!(socket = %settings.socket.path.display(), "Listening.");
+        tracing::info!(socket = %settings.socket.path.display(), activated, "Listening.");
+        notify_systemd(&[sd_notify::NotifyState::Ready]);
+        let watchdog = sd_notify::watchdog_enabled().map(|period| {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period / 2);
+                loop {
+                    tick.tick().await;
+                    notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+                }
+            })
+        });
         Ok(App {
+            activated,
+            watchdog,
             socket_path: settings.socket.path.clone(),
             stats,
             settings,
@@ -155,8 +173,11 @@ impl App {
     pub async fn shutdown(self) -> usize {
         let deadline = Instant::now() + Duration::from_secs(self.settings.shutdown.grace_secs);
         let left = || deadline.saturating_duration_since(Instant::now());
+        notify_systemd(&[sd_notify::NotifyState::Stopping]);
         let _ = self.stop_ingest.send(true);
-        let _ = std::fs::remove_file(&self.socket_path);
+        if !self.activated {
+            let _ = std::fs::remove_file(&self.socket_path);
+        }
         if tokio::time::timeout(left(), self.ingest).await.is_err() {
             tracing::warn!("Readers did not stop in time.");
         }
@@ -182,6 +203,9 @@ impl App {
         self.router.stop(None);
         self.writer.stop(None);
         self.store.close().await;
+        if let Some(watchdog) = self.watchdog {
+            watchdog.abort();
+        }
         lost
     }
 }
@@ -211,6 +235,34 @@ async fn wait_for_signal() {
         _ = term.recv() => {},
         _ = int.recv() => {},
     }
+}
+
+/// Tell systemd about a state change; a no-op outside systemd.
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if let Err(error) = sd_notify::notify(state) {
+        tracing::warn!(error = %error, "Notifying systemd failed.");
+    }
+}
+
+/// The listening socket systemd passed (`snapshotd.socket`), if any.
+fn activated_listener() -> Result<Option<UnixListener>, StartError> {
+    use std::os::fd::FromRawFd;
+    let fds: Vec<_> = match sd_notify::listen_fds() {
+        Ok(fds) => fds.collect(),
+        Err(_) => return Ok(None),
+    };
+    let Some(&fd) = fds.first() else {
+        return Ok(None);
+    };
+    // SAFETY: systemd hands this descriptor to this process alone
+    // (LISTEN_PID is checked by listen_fds) and nothing else owns it.
+    let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    let path = PathBuf::from("(systemd socket)");
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| UnixListener::from_std(listener))
+        .map(Some)
+        .map_err(|source| StartError::Bind { path, source })
 }
 
 /// Bind the socket, replacing a stale file left by a crash, then set its

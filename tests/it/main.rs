@@ -8,3 +8,4 @@ mod crosscheck;
 mod daemon;
 mod stabilize_store;
 mod store;
+mod systemd;
