@@ -23,7 +23,15 @@ hydrates an entity). Sent lines are kept until a ``flush`` reply confirms them
 (the forwarder sends one after ``flush_every`` events or a second of quiet) and
 are sent again after a reconnect: delivery is at-least-once, and snapshotd
 ignores sequences it has already folded. A reader thread drains reply lines
-and logs error replies (``{"ok": false, "frame": N, "error": ...}``).
+and logs error replies (``{"ok": false, "frame": N, "error": ...}``). A flush
+reply names its frame; it confirms every line sent before that frame on the
+connection, so replies are matched by frame number, not by arrival order.
+Counters: ``dropped`` (buffer full), ``received`` (events handed to the
+handler), ``rejected`` (error replies naming one of our frames) and
+``connections`` (successful connects, reconnects included).
+
+Call ``install`` *after* ``configure_event_sourcing``: that call replaces
+stabilize's global bus, and a forwarder subscribed to the old one hears nothing.
 """
 
 from __future__ import annotations
@@ -48,10 +56,18 @@ class SnapshotdForwarder:
                  max_backoff: float = 5.0, flush_every: int = 500) -> None:
         self.socket_path = socket_path or os.environ.get("SNAPSHOTD_SOCKET", "./snapshotd.sock")
         self.max_buffer, self.max_backoff, self.flush_every = max_buffer, max_backoff, flush_every
-        self.dropped = 0
+        self.dropped = 0      # events dropped because the buffer was full
+        self.received = 0     # events handed to handle() with a store sequence
+        self.rejected = 0     # error replies from snapshotd naming one of our frames
+        self.connections = 0  # successful connects (1 + reconnects)
+        # Waiting to be sent: (line, flush waiter, is_control)
         self._buf: collections.deque[tuple[bytes, threading.Event | None, bool]] = collections.deque()
-        self._unacked: collections.deque[bytes] = collections.deque()  # sent, not yet confirmed
+        # Sent on the current connection, not yet confirmed: (frame number, line)
+        self._unacked: collections.deque[tuple[int, bytes]] = collections.deque()
+        # Flushes sent on the current connection, not yet answered: (frame number, waiter)
         self._marks: collections.deque[tuple[int, threading.Event | None]] = collections.deque()
+        self._frame = 0        # frames sent on the current connection (snapshotd numbers them from 1)
+        self._since_mark = 0   # event lines sent since the last flush mark
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="snapshotd-forwarder", daemon=True)
@@ -62,33 +78,38 @@ class SnapshotdForwarder:
         if event.sequence <= 0:
             log.warning("Skipping event %s without a store sequence.", event.event_id)
             return
+        line = (json.dumps(event.to_dict()) + "\n").encode()
         with self._cv:
+            self.received += 1
             if len(self._buf) >= self.max_buffer:
                 self.dropped += 1
                 if self.dropped == 1 or self.dropped % 1000 == 0:
                     log.error("Buffer full (%d events, snapshotd unreachable?): %d events dropped so far.",
                               self.max_buffer, self.dropped)
                 return
-            self._buf.append(((json.dumps(event.to_dict()) + "\n").encode(), None, False))
-            self._cv.notify()
+            self._buf.append((line, None, False))
+            self._cv.notify_all()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Send a ``flush`` barrier; True once snapshotd confirms everything sent before it."""
         done = threading.Event()
         with self._cv:
             self._buf.append((FLUSH, done, True))
-            self._cv.notify()
+            self._cv.notify_all()
         return done.wait(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Flush, then stop (each step waits at most ``timeout`` seconds)."""
-        if self._buf or self._unacked:
+        with self._cv:
+            pending = bool(self._buf or self._unacked)
+        if pending:
             self.flush(timeout)
         with self._cv:
             self._closed = True
             self._cv.notify_all()
         self._thread.join(timeout)
-        unsent = sum(1 for _, _, control in self._buf if not control)
+        with self._cv:
+            unsent = sum(1 for _, _, control in self._buf if not control)
         if unsent:
             log.error("Closed with %d unsent events.", unsent)
 
@@ -102,17 +123,17 @@ class SnapshotdForwarder:
                 sock.close()
                 if not outage:
                     log.warning("Cannot reach snapshotd at %s: %s; retrying.", self.socket_path, exc)
-                outage, deadline = True, time.monotonic() + backoff
-                with self._cv:
-                    while not self._closed and time.monotonic() < deadline:
-                        self._cv.wait(deadline - time.monotonic())
-                    if self._closed:  # give up on close rather than wait for the daemon forever
-                        return
+                outage = True
+                if not self._pause(backoff):  # give up on close rather than wait for the daemon forever
+                    return
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
             log.info("Connected to snapshotd at %s.", self.socket_path)
-            backoff, outage, alive = 0.1, False, threading.Event()
+            connected_at, outage, alive = time.monotonic(), False, threading.Event()
             alive.set()
+            with self._cv:
+                self.connections += 1
+                self._frame = self._since_mark = 0
             threading.Thread(target=self._read_replies, args=(sock, alive), daemon=True).start()
             finished = self._send_loop(sock, alive)
             try:
@@ -120,47 +141,79 @@ class SnapshotdForwarder:
             except OSError:
                 pass
             sock.close()
-            alive.clear()
             with self._cv:  # resend what was never confirmed, then the unanswered flushes
+                alive.clear()
                 if finished:
                     if self._unacked:
                         log.warning("Closed with %d sent lines unconfirmed.", len(self._unacked))
                     return
-                redo = [(line, None, False) for line in self._unacked] + [(FLUSH, w, True) for _, w in self._marks]
+                redo = [(line, None, False) for _, line in self._unacked] + [(FLUSH, w, True) for _, w in self._marks]
                 self._buf.extendleft(reversed(redo))
                 self._unacked.clear()
                 self._marks.clear()
+            if time.monotonic() - connected_at < 1.0:  # a daemon that accepts then drops us: back off too
+                if not self._pause(backoff):
+                    return
+                backoff = min(backoff * 2, self.max_backoff)
+            else:
+                backoff = 0.1
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds`` unless closed first; False when closed."""
+        deadline = time.monotonic() + seconds
+        with self._cv:
+            while not self._closed and time.monotonic() < deadline:
+                self._cv.wait(deadline - time.monotonic())
+            return not self._closed
 
     def _send_loop(self, sock: socket.socket, alive: threading.Event) -> bool:
-        """Send until closed and drained (True) or the connection breaks (False)."""
+        """Send until closed and drained (True) or the connection breaks (False).
+
+        Lines are numbered and recorded as unconfirmed *before* they are
+        written, so a flush reply that overtakes the bookkeeping is never
+        lost; a write that fails leaves them unconfirmed, to be sent again.
+        """
         while True:
             with self._cv:
-                while not self._buf and not self._closed and alive.is_set():
+                while True:
+                    if not alive.is_set():
+                        return False
+                    if len(self._unacked) >= self.max_buffer:
+                        # Too much unconfirmed: wait for a flush reply instead of
+                        # forgetting lines (the buffer absorbs new events meanwhile).
+                        if not self._marks:
+                            batch = [(FLUSH, None, True)]
+                            break
+                        self._cv.wait(1.0)
+                        continue
+                    if self._buf:
+                        room = self.max_buffer - len(self._unacked)
+                        batch = [self._buf.popleft() for _ in range(min(len(self._buf), 512, room))]
+                        break
+                    if self._closed:
+                        return True
                     if not self._cv.wait(1.0) and self._unacked and not self._marks:
                         self._buf.append((FLUSH, None, True))  # a quiet second: confirm what was sent
-                if not alive.is_set():
-                    return False
-                if not self._buf:
-                    return True
-                batch = [self._buf[i] for i in range(min(len(self._buf), 512))]
-                if len(self._unacked) + len(batch) >= self.flush_every and not self._marks:
-                    batch.append((FLUSH, None, True))
-                    self._buf.insert(len(batch) - 1, batch[-1])
-            try:
-                sock.sendall(b"".join(line for line, _, _ in batch))
-            except OSError as exc:
-                log.warning("Lost snapshotd connection (%s); will resend %d lines.", exc, len(batch))
-                return False
-            with self._cv:  # only now do they leave the buffer (new lines go to its end)
+                out: list[bytes] = []
                 for line, waiter, control in batch:
-                    self._buf.popleft()
+                    out.append(line)
+                    self._frame += 1
                     if control:
-                        self._marks.append((len(self._unacked), waiter))
+                        self._marks.append((self._frame, waiter))
+                        self._since_mark = 0
                     else:
-                        self._unacked.append(line)
-                while len(self._unacked) > self.max_buffer:  # cap memory: forget the oldest sent
-                    self._unacked.popleft()
-                    self._marks = collections.deque((max(0, n - 1), w) for n, w in self._marks)
+                        self._unacked.append((self._frame, line))
+                        self._since_mark += 1
+                        if self._since_mark >= self.flush_every:
+                            self._frame += 1
+                            out.append(FLUSH)
+                            self._marks.append((self._frame, None))
+                            self._since_mark = 0
+            try:
+                sock.sendall(b"".join(out))
+            except OSError as exc:
+                log.warning("Lost snapshotd connection (%s); will resend the unconfirmed lines.", exc)
+                return False
 
     def _read_replies(self, sock: socket.socket, alive: threading.Event) -> None:
         try:
@@ -170,21 +223,37 @@ class SnapshotdForwarder:
                 except ValueError:
                     log.warning("Unreadable reply from snapshotd: %r", raw[:200])
                     continue
+                if not isinstance(reply, dict):
+                    continue
+                op = reply.get("op")
                 if reply.get("ok") is False:
-                    log.warning("snapshotd rejected frame %s: %s", reply.get("frame"), reply.get("error"))
+                    if op is None:
+                        with self._cv:
+                            self.rejected += 1
+                        log.warning("snapshotd rejected frame %s: %s", reply.get("frame"), reply.get("error"))
+                    else:  # e.g. a flush refused while the daemon shuts down: the reconnect resends it
+                        log.warning("snapshotd could not %s (frame %s): %s", op, reply.get("frame"),
+                                    reply.get("error"))
+                    continue
+                if op not in (None, "flush"):
                     continue
                 with self._cv:  # a confirmed flush covers every line sent before it
-                    if alive.is_set() and self._marks:
-                        covered, waiter = self._marks.popleft()
-                        for _ in range(covered):
-                            self._unacked.popleft()
-                        self._marks = collections.deque((n - covered, w) for n, w in self._marks)
+                    if not alive.is_set() or not self._marks:
+                        continue
+                    frame = reply.get("frame")
+                    if not isinstance(frame, int):  # a daemon that does not number replies: in order
+                        frame = self._marks[0][0]
+                    while self._marks and self._marks[0][0] <= frame:
+                        _, waiter = self._marks.popleft()
                         if waiter is not None:
                             waiter.set()
+                    while self._unacked and self._unacked[0][0] < frame:
+                        self._unacked.popleft()
+                    self._cv.notify_all()
         except OSError:
             pass
-        alive.clear()
         with self._cv:
+            alive.clear()
             self._cv.notify_all()
 
 

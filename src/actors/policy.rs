@@ -9,30 +9,32 @@
 //! at any moment. A snapshot at sequence S must equal stabilize's replay of
 //! the workflow's events up to S, and its version must be their number.
 //!
-//! * Events are not folded as they arrive: they wait in `pending`, ordered
-//!   by sequence, and are folded in that order onto `base` (the state at the
-//!   last snapshot) only when a snapshot is taken. Disorder inside a window
-//!   therefore costs nothing.
-//! * A sequence already pending or folded (`folded`) is a duplicate and is
-//!   dropped.
-//! * A sequence at or below the last snapshot's that was never seen is late:
-//!   the base may have missed it. With stabilize's `events` table in the same
-//!   database (the normal case) the actor compares the table's count of the
-//!   workflow's events up to the base with the base's version, once per
-//!   burst of late events, and rebuilds the base from the table on a
-//!   mismatch, then snapshots the corrected state. The writer makes the same
-//!   comparison for every snapshot inside the batch it commits, so nothing
-//!   the table contradicts is ever written; a contradicted snapshot comes
-//!   back here as `Resync` and is rebuilt from the table.
+//! * Events are folded as they arrive: memory per entity is its state, not
+//!   its unsnapshotted events. `window` holds the sequences folded since the
+//!   last snapshot, `folded` older ones: a sequence in either is a duplicate
+//!   and is dropped.
+//! * An event older than one already folded was folded out of sequence
+//!   order. With stabilize's `events` table in the same database (the normal
+//!   case) the state is marked dirty and, before the next snapshot, rebuilt:
+//!   the last snapshot (verified) plus the table's events after it, folded
+//!   in sequence order.
+//! * A sequence at or below the last snapshot's that was never seen may be
+//!   one the snapshot missed: the table's count of the workflow's events up
+//!   to that snapshot is compared with its version, once per burst of such
+//!   events, and the state is rebuilt from the table (and snapshotted at
+//!   once) on a mismatch. The writer makes the same comparison for every
+//!   snapshot inside the batch that commits it, so nothing the table
+//!   contradicts is ever written; a contradicted snapshot comes back here as
+//!   `Resync` and is rebuilt from the table.
 //! * Hydration: an actor starting for an entity with history takes the
 //!   writer's uncommitted snapshot or the store's latest verified one, checks
-//!   it against the table, and loads the table's events after it as pending:
-//!   a restart loses nothing, and resent events are duplicates.
-//! * Without an events table the feed is trusted: every sequence the actor
-//!   folded is remembered to drop duplicates; a sequence at or below the
-//!   snapshot it hydrated from counts as covered by it (a resend); any other
-//!   late event is folded after the base in arrival order and counted in
-//!   `events_late`.
+//!   it against the table, and folds the table's events after it up to the
+//!   newest event that woke it: a restart loses nothing, and resent events
+//!   are duplicates.
+//! * Without an events table the feed is trusted: out-of-order and late
+//!   events are folded in arrival order and counted in `events_late`; a
+//!   sequence at or below the snapshot the actor hydrated from counts as
+//!   covered by it (a resend).
 
 use super::router::RouterMsg;
 use super::writer::WriterMsg;
@@ -44,7 +46,6 @@ use crate::stats::Stats;
 use crate::store::{Store, StoreError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -106,15 +107,21 @@ pub struct PolicyState {
     args: PolicyArgs,
     /// Known once an event arrived or history was loaded.
     workflow_id: Option<Arc<str>>,
-    base: Map<String, Value>,
-    base_seq: i64,
-    base_version: i32,
-    pending: BTreeMap<i64, Box<Event>>,
-    /// Sequences folded into `base`, sorted; trimmed to the newest few
-    /// windows when the events table can settle older questions.
+    /// The entity's state: the last snapshot plus every event of `window`.
+    state: Map<String, Value>,
+    /// Sequence and version of the last snapshot (or of the hydrated one).
+    snap_seq: i64,
+    snap_version: i32,
+    /// Sequences folded since the last snapshot, sorted.
+    window: Vec<i64>,
+    /// Sequences folded before it, sorted; trimmed to the newest few windows
+    /// when the events table can settle older questions.
     folded: Vec<i64>,
-    /// Sequences at or below this were forgotten from `folded`.
+    /// Sequences at or below this were forgotten from `folded` (or were
+    /// never seen: covered by the snapshot hydrated from).
     forgotten_upto: i64,
+    /// An event was folded out of sequence order: rebuild before snapshotting.
+    dirty: bool,
     hydrated: bool,
     stash: Vec<PolicyMsg>,
     first_pending_at: Option<Instant>,
@@ -141,16 +148,17 @@ impl Actor for Policy {
         // events that woke it.
         let _ = myself;
         args.stats.active_entities.fetch_add(1, Relaxed);
-        let base = args.config.reducer.initial(&args.key);
+        let state = args.config.reducer.initial(&args.key);
         Ok(PolicyState {
             args,
             workflow_id: None,
-            base,
-            base_seq: 0,
-            base_version: 0,
-            pending: BTreeMap::new(),
+            state,
+            snap_seq: 0,
+            snap_version: 0,
+            window: Vec::new(),
             folded: Vec::new(),
             forgotten_upto: 0,
+            dirty: false,
             hydrated: false,
             stash: Vec::new(),
             first_pending_at: None,
@@ -259,7 +267,7 @@ impl PolicyState {
             }
             PolicyMsg::CheckBase => {
                 state.check_scheduled = false;
-                match state.base_matches_table().await {
+                match state.snapshot_matches_table().await {
                     Ok(true) => {}
                     Ok(false) => state.rebuild_from_table(myself).await,
                     Err(error) => {
@@ -290,20 +298,54 @@ impl PolicyState {
     }
 
     /// Take the newest known snapshot (the writer's pending one, else the
-    /// store's verified latest), check it against the events table, and load
+    /// store's verified latest), check it against the events table, and fold
     /// the table's events after it up to `upto` (the newest event received:
-    /// later ones are on their way and will be folded as they come, which
-    /// keeps snapshots at the policy's intervals; one the feed never brings
-    /// is caught by the count check and rebuilt from the table).
+    /// later ones are on their way and are folded as they come, which keeps
+    /// snapshots at the policy's intervals; one the feed never brings is
+    /// caught by the count check and rebuilt from the table).
     async fn hydrate(&mut self, upto: i64) -> Result<(), StoreError> {
+        let found = self.newest_snapshot().await?;
+        let had_snapshot = found.is_some();
+        if let Some((state, sequence, version, workflow_id)) = found {
+            self.state = state;
+            self.snap_seq = sequence;
+            self.snap_version = version;
+            self.workflow_id = Some(workflow_id);
+            self.last_snapshot_at = Some(Instant::now());
+            // Older sequences are settled by the table, or covered by it without one.
+            self.forgotten_upto = sequence;
+        }
+        if self.config().events_table {
+            let workflow_id = self.workflow_id();
+            if had_snapshot && !self.snapshot_matches_table().await? {
+                self.replay_table(&workflow_id, self.snap_seq).await?;
+            }
+            let after = self
+                .args
+                .store
+                .workflow_events(&workflow_id, self.snap_seq, upto)
+                .await?;
+            for event in &after {
+                self.fold(event);
+            }
+            if !self.window.is_empty() {
+                self.workflow_id.get_or_insert(workflow_id);
+            }
+        }
+        if had_snapshot || !self.window.is_empty() {
+            self.args.stats.hydrations.fetch_add(1, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The entity's newest snapshot: the writer's uncommitted one (newer
+    /// than anything stored) or the store's verified latest.
+    async fn newest_snapshot(&self) -> Result<Option<(Map<String, Value>, i64, i32, Arc<str>)>, StoreError> {
         let key = self.args.key.clone();
         let pending = self
             .args
             .writer
-            .call(
-                |reply| WriterMsg::PendingFor(key.clone(), reply),
-                Some(Duration::from_secs(30)),
-            )
+            .call(|reply| WriterMsg::PendingFor(key.clone(), reply), Some(Duration::from_secs(30)))
             .await;
         let mut snapshot = match pending {
             Ok(ractor::rpc::CallResult::Success(found)) => found,
@@ -320,60 +362,52 @@ impl PolicyState {
                 Err(error) => return Err(error),
             };
         }
-        let had_snapshot = snapshot.is_some();
-        if let Some(snapshot) = snapshot
-            && let Value::Object(state) = snapshot.state
-        {
-            self.base = state;
-            self.base_seq = snapshot.sequence;
-            self.base_version = snapshot.version;
-            self.workflow_id = Some(snapshot.workflow_id.clone());
-            self.last_snapshot_at = Some(Instant::now());
-            // Older sequences are settled by the table, or unknown without one.
-            self.forgotten_upto = snapshot.sequence;
-        }
-        if self.config().events_table {
-            let workflow_id = key.entity_id.clone();
-            if had_snapshot && !self.base_matches_table().await? {
-                self.load_base_from_table(&workflow_id).await?;
-            }
-            let after = self
-                .args
-                .store
-                .workflow_events(&workflow_id, self.base_seq, upto)
-                .await?;
-            for event in after {
-                self.pending
-                    .entry(event.sequence)
-                    .or_insert_with(|| Box::new(event));
-            }
-            if !self.pending.is_empty() {
-                self.first_pending_at = Some(Instant::now());
-                self.workflow_id.get_or_insert(workflow_id);
-            }
-        }
-        if had_snapshot || !self.pending.is_empty() {
-            self.args.stats.hydrations.fetch_add(1, Relaxed);
-        }
-        Ok(())
+        Ok(snapshot.and_then(|s| match s.state {
+            Value::Object(state) => Some((state, s.sequence, s.version, s.workflow_id)),
+            _ => None,
+        }))
     }
 
-    /// File one arriving event: pending, duplicate or late.
+    fn workflow_id(&self) -> Arc<str> {
+        self.workflow_id
+            .clone()
+            .unwrap_or_else(|| self.args.key.entity_id.clone())
+    }
+
+    /// Fold one event into the state and note its sequence in the window.
+    fn fold(&mut self, event: &Event) {
+        let seq = event.sequence;
+        if self.window.is_empty() {
+            self.first_pending_at = Some(Instant::now());
+        }
+        match self.window.last() {
+            Some(&last) if last > seq => {
+                let at = self.window.partition_point(|&s| s < seq);
+                self.window.insert(at, seq);
+            }
+            _ => self.window.push(seq),
+        }
+        self.config().reducer.fold(&mut self.state, event);
+    }
+
+    /// File one arriving event: fold it, or drop it as a duplicate, or
+    /// settle it against the table as late.
     fn receive(&mut self, myself: &ActorRef<PolicyMsg>, event: Box<Event>) {
         let seq = event.sequence;
         self.last_event_at = Instant::now();
         if self.workflow_id.is_none() {
             self.workflow_id = Some(event.workflow_id.clone());
         }
-        if self.pending.contains_key(&seq) || self.folded_contains(seq) {
+        if self.window.binary_search(&seq).is_ok() || self.folded.binary_search(&seq).is_ok() {
             self.args.stats.events_duplicate.fetch_add(1, Relaxed);
             return;
         }
-        if seq <= self.base_seq {
-            self.args.stats.events_late.fetch_add(1, Relaxed);
-            if self.config().events_table {
-                // The table settles it: duplicate from before we knew, or
-                // an event the base missed. Once per burst.
+        let table = self.config().events_table;
+        if seq <= self.snap_seq {
+            if table {
+                // The table settles it: a duplicate from before we knew, or
+                // an event the snapshot missed. Once per burst.
+                self.args.stats.events_late.fetch_add(1, Relaxed);
                 if !self.check_scheduled {
                     self.check_scheduled = true;
                     let _ = myself.cast(PolicyMsg::CheckBase);
@@ -381,28 +415,23 @@ impl PolicyState {
                 return;
             }
             if seq <= self.forgotten_upto {
-                // No table: the snapshot we started from covers the feed up
-                // to its sequence; this is a resend of what it folded.
-                self.args.stats.events_late.fetch_sub(1, Relaxed);
+                // The snapshot we started from covers the feed up to its
+                // sequence: this is a resend of what it folded.
                 self.args.stats.events_duplicate.fetch_add(1, Relaxed);
                 return;
             }
-            // No table, and this actor saw the feed since: a late event.
-            // Trust the feed and fold it after the base.
+            self.args.stats.events_late.fetch_add(1, Relaxed);
+        } else if self.window.last().is_some_and(|&last| last > seq) {
+            // Out of sequence order within the window.
+            self.args.stats.events_late.fetch_add(1, Relaxed);
+            self.dirty |= table;
         }
-        if self.pending.is_empty() {
-            self.first_pending_at = Some(Instant::now());
-        }
-        self.pending.insert(seq, event);
-    }
-
-    fn folded_contains(&self, seq: i64) -> bool {
-        self.folded.binary_search(&seq).is_ok()
+        self.fold(&event);
     }
 
     /// After events arrived: snapshot at the event threshold, keep the timer.
     async fn after_change(&mut self, myself: &ActorRef<PolicyMsg>) {
-        if self.pending.len() >= self.config().event_interval {
+        if self.window.len() >= self.config().event_interval {
             self.snapshot().await;
         }
         self.arm_tick(myself);
@@ -410,7 +439,7 @@ impl PolicyState {
 
     /// When the time threshold falls due, if there are new events.
     fn time_due(&self) -> Option<Instant> {
-        if self.pending.is_empty() {
+        if self.window.is_empty() {
             return None;
         }
         let since = self.last_snapshot_at.or(self.first_pending_at)?;
@@ -431,42 +460,69 @@ impl PolicyState {
         self.tick = Some((due, myself.send_after(wait, || PolicyMsg::Tick)));
     }
 
-    /// Fold the pending events in sequence order and hand the snapshot to
-    /// the writer. Returns its (version, sequence), or `None` without new
-    /// events.
+    /// Snapshot the window and hand it to the writer. Returns the
+    /// snapshot's (version, sequence), or `None` without new events.
     async fn snapshot(&mut self) -> Option<(i32, i64)> {
-        if self.pending.is_empty() {
+        if self.window.is_empty() {
             return None;
         }
-        let reducer = self.config().reducer;
-        let mut last = self.base_seq;
-        let pending = std::mem::take(&mut self.pending);
-        let count = pending.len();
-        for (seq, event) in pending {
-            reducer.fold(&mut self.base, &event);
-            last = last.max(seq);
+        if self.dirty {
+            // Folded out of order: the last snapshot plus the table's
+            // events, in sequence order, instead.
+            let upto = *self.window.last()?;
+            if let Err(error) = self.refold_window(upto).await {
+                tracing::warn!(entity = %self.args.key, error = %chain(&error),
+                    "Re-folding out-of-order events from the events table failed; will retry at the next snapshot.");
+                return None;
+            }
+        }
+        let window = std::mem::take(&mut self.window);
+        self.snap_version += window.len() as i32;
+        self.snap_seq = self.snap_seq.max(*window.last()?);
+        for seq in window {
             self.remember(seq);
         }
-        self.base_version += count as i32;
-        self.base_seq = last;
         self.first_pending_at = None;
-        self.send_base().await
+        self.send_state().await
     }
 
-    /// Hand the current base to the writer as a snapshot.
-    async fn send_base(&mut self) -> Option<(i32, i64)> {
+    /// Replace the state with the last snapshot plus the table's events
+    /// after it up to `upto`, in sequence order.
+    async fn refold_window(&mut self, upto: i64) -> Result<(), StoreError> {
+        let workflow_id = self.workflow_id();
+        let (base, events) = match self.newest_snapshot().await? {
+            Some((state, sequence, version, _)) if sequence == self.snap_seq && version == self.snap_version => {
+                let events = self.args.store.workflow_events(&workflow_id, sequence, upto).await?;
+                (state, events)
+            }
+            // The last snapshot is gone or was never taken: from the start.
+            _ => {
+                self.snap_seq = 0;
+                self.snap_version = 0;
+                let events = self.args.store.workflow_events(&workflow_id, 0, upto).await?;
+                (self.config().reducer.initial(&self.args.key), events)
+            }
+        };
+        self.state = base;
+        self.window.clear();
+        for event in &events {
+            self.fold(event);
+        }
+        self.dirty = false;
+        self.args.stats.rebuilds.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// Hand the current state to the writer as a snapshot.
+    async fn send_state(&mut self) -> Option<(i32, i64)> {
         self.last_snapshot_at = Some(Instant::now());
-        let workflow_id = self
-            .workflow_id
-            .clone()
-            .unwrap_or_else(|| self.args.key.entity_id.clone());
         let snapshot = match Snapshot::new_as(
             self.args.store.number_form(),
             self.args.key.clone(),
-            workflow_id,
-            self.base_version,
-            self.base_seq,
-            Value::Object(self.base.clone()),
+            self.workflow_id(),
+            self.snap_version,
+            self.snap_seq,
+            Value::Object(self.state.clone()),
         ) {
             Ok(snapshot) => snapshot,
             Err(error) => {
@@ -477,13 +533,7 @@ impl PolicyState {
         };
         let taken = (snapshot.version, snapshot.sequence);
         // Waits while the writer holds its maximum: backpressure.
-        let permit = self
-            .args
-            .writer_permits
-            .clone()
-            .acquire_owned()
-            .await
-            .ok()?;
+        let permit = self.args.writer_permits.clone().acquire_owned().await.ok()?;
         if self
             .args
             .writer
@@ -513,69 +563,50 @@ impl PolicyState {
         }
     }
 
-    async fn base_matches_table(&self) -> Result<bool, StoreError> {
-        if self.base_seq == 0 {
+    async fn snapshot_matches_table(&self) -> Result<bool, StoreError> {
+        if self.snap_seq == 0 {
             return Ok(true);
         }
-        let workflow_id = self
-            .workflow_id
-            .clone()
-            .unwrap_or_else(|| self.args.key.entity_id.clone());
         let count = self
             .args
             .store
-            .count_workflow_events(&workflow_id, self.base_seq)
+            .count_workflow_events(&self.workflow_id(), self.snap_seq)
             .await?;
-        Ok(count == i64::from(self.base_version))
+        Ok(count == i64::from(self.snap_version))
     }
 
-    /// Replace the base with the table's replay up to `base_seq`.
-    async fn load_base_from_table(&mut self, workflow_id: &str) -> Result<(), StoreError> {
-        let events = self
-            .args
-            .store
-            .workflow_events(workflow_id, 0, self.base_seq)
-            .await?;
+    /// Replace the state with the table's replay up to `upto`; it becomes
+    /// the snapshot position.
+    async fn replay_table(&mut self, workflow_id: &str, upto: i64) -> Result<(), StoreError> {
+        let events = self.args.store.workflow_events(workflow_id, 0, upto).await?;
         let reducer = self.config().reducer;
-        self.base = reducer.initial(&self.args.key);
+        self.state = reducer.initial(&self.args.key);
         self.folded.clear();
+        self.window.clear();
         for event in &events {
-            reducer.fold(&mut self.base, event);
+            reducer.fold(&mut self.state, event);
             self.folded.push(event.sequence);
         }
         self.forgotten_upto = 0;
-        self.base_version = events.len() as i32;
-        if let Some(last) = events.last() {
-            self.base_seq = self.base_seq.max(last.sequence);
-        }
+        self.snap_version = events.len() as i32;
+        self.snap_seq = events.last().map_or(upto, |e| e.sequence.max(upto));
+        self.dirty = false;
+        self.first_pending_at = None;
         self.args.stats.rebuilds.fetch_add(1, Relaxed);
         Ok(())
     }
 
-    /// The base is wrong: rebuild it from the table and snapshot the
-    /// corrected state at once.
+    /// The state is wrong: rebuild it from the table, through everything
+    /// received, and snapshot the corrected state at once.
     async fn rebuild_from_table(&mut self, myself: &ActorRef<PolicyMsg>) {
-        let workflow_id = self
-            .workflow_id
-            .clone()
-            .unwrap_or_else(|| self.args.key.entity_id.clone());
-        // Take in whatever the table has up to the newest pending event too.
-        let upto = self
-            .pending
-            .keys()
-            .next_back()
-            .copied()
-            .unwrap_or(self.base_seq)
-            .max(self.base_seq);
-        self.base_seq = upto;
-        match self.load_base_from_table(&workflow_id).await {
+        let workflow_id = self.workflow_id();
+        let upto = self.window.last().copied().unwrap_or(self.snap_seq).max(self.snap_seq);
+        match self.replay_table(&workflow_id, upto).await {
             Ok(()) => {
-                let base_seq = self.base_seq;
-                self.pending.retain(|&seq, _| seq > base_seq);
-                tracing::info!(entity = %self.args.key, version = self.base_version, sequence = self.base_seq,
+                tracing::info!(entity = %self.args.key, version = self.snap_version, sequence = self.snap_seq,
                     "Rebuilt the entity from the events table.");
-                if self.base_seq > 0 {
-                    self.send_base().await;
+                if self.snap_seq > 0 {
+                    self.send_state().await;
                 }
             }
             Err(error) => {
