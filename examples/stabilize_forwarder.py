@@ -20,7 +20,8 @@ sends, reconnecting with capped exponential backoff when the daemon restarts.
 Meanwhile up to ``max_buffer`` events wait in memory; beyond that new events
 are dropped *and logged* (snapshotd catches up from the events table when it
 hydrates an entity). Sent lines are kept until a ``flush`` reply confirms them
-(the forwarder sends one after ``flush_every`` events or a second of quiet) and
+(the forwarder sends one after ``flush_every`` events, and after a second of
+quiet while anything is unconfirmed) and
 are sent again after a reconnect: delivery is at-least-once, and snapshotd
 ignores sequences it has already folded. A reader thread drains reply lines
 and logs error replies (``{"ok": false, "frame": N, "error": ...}``). A flush
@@ -68,6 +69,7 @@ class SnapshotdForwarder:
         self._marks: collections.deque[tuple[int, threading.Event | None]] = collections.deque()
         self._frame = 0        # frames sent on the current connection (snapshotd numbers them from 1)
         self._since_mark = 0   # event lines sent since the last flush mark
+        self._flush_sent = 0.0  # monotonic time the last flush was sent
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="snapshotd-forwarder", daemon=True)
@@ -192,15 +194,18 @@ class SnapshotdForwarder:
                         break
                     if self._closed:
                         return True
-                    if not self._cv.wait(1.0) and self._unacked and not self._marks:
-                        self._buf.append((FLUSH, None, True))  # a quiet second: confirm what was sent
+                    if (not self._cv.wait(1.0) and (self._unacked or self._marks)
+                            and time.monotonic() - self._flush_sent >= 1.0):
+                        # A quiet second: confirm what was sent (a newer flush also
+                        # answers one whose reply was refused or never came).
+                        self._buf.append((FLUSH, None, True))
                 out: list[bytes] = []
                 for line, waiter, control in batch:
                     out.append(line)
                     self._frame += 1
                     if control:
                         self._marks.append((self._frame, waiter))
-                        self._since_mark = 0
+                        self._since_mark, self._flush_sent = 0, time.monotonic()
                     else:
                         self._unacked.append((self._frame, line))
                         self._since_mark += 1
@@ -208,7 +213,7 @@ class SnapshotdForwarder:
                             self._frame += 1
                             out.append(FLUSH)
                             self._marks.append((self._frame, None))
-                            self._since_mark = 0
+                            self._since_mark, self._flush_sent = 0, time.monotonic()
             try:
                 sock.sendall(b"".join(out))
             except OSError as exc:

@@ -7,6 +7,11 @@ use snapshotd::settings::{Settings, Sources};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc: measured faster than glibc malloc on this allocation-heavy
+/// pipeline (see the closing notes of the daemon issue; `benches/load.rs`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "snapshotd",

@@ -40,7 +40,7 @@ use super::router::RouterMsg;
 use super::writer::WriterMsg;
 use crate::cli::chain;
 use crate::model::event::Event;
-use crate::model::{EntityKey, Snapshot};
+use crate::model::{EntityKey, PreparedSnapshot};
 use crate::reducer::Reducer;
 use crate::stats::Stats;
 use crate::store::{Store, StoreError};
@@ -340,12 +340,17 @@ impl PolicyState {
 
     /// The entity's newest snapshot: the writer's uncommitted one (newer
     /// than anything stored) or the store's verified latest.
-    async fn newest_snapshot(&self) -> Result<Option<(Map<String, Value>, i64, i32, Arc<str>)>, StoreError> {
+    async fn newest_snapshot(
+        &self,
+    ) -> Result<Option<(Map<String, Value>, i64, i32, Arc<str>)>, StoreError> {
         let key = self.args.key.clone();
         let pending = self
             .args
             .writer
-            .call(|reply| WriterMsg::PendingFor(key.clone(), reply), Some(Duration::from_secs(30)))
+            .call(
+                |reply| WriterMsg::PendingFor(key.clone(), reply),
+                Some(Duration::from_secs(30)),
+            )
             .await;
         let mut snapshot = match pending {
             Ok(ractor::rpc::CallResult::Success(found)) => found,
@@ -491,15 +496,25 @@ impl PolicyState {
     async fn refold_window(&mut self, upto: i64) -> Result<(), StoreError> {
         let workflow_id = self.workflow_id();
         let (base, events) = match self.newest_snapshot().await? {
-            Some((state, sequence, version, _)) if sequence == self.snap_seq && version == self.snap_version => {
-                let events = self.args.store.workflow_events(&workflow_id, sequence, upto).await?;
+            Some((state, sequence, version, _))
+                if sequence == self.snap_seq && version == self.snap_version =>
+            {
+                let events = self
+                    .args
+                    .store
+                    .workflow_events(&workflow_id, sequence, upto)
+                    .await?;
                 (state, events)
             }
             // The last snapshot is gone or was never taken: from the start.
             _ => {
                 self.snap_seq = 0;
                 self.snap_version = 0;
-                let events = self.args.store.workflow_events(&workflow_id, 0, upto).await?;
+                let events = self
+                    .args
+                    .store
+                    .workflow_events(&workflow_id, 0, upto)
+                    .await?;
                 (self.config().reducer.initial(&self.args.key), events)
             }
         };
@@ -516,13 +531,14 @@ impl PolicyState {
     /// Hand the current state to the writer as a snapshot.
     async fn send_state(&mut self) -> Option<(i32, i64)> {
         self.last_snapshot_at = Some(Instant::now());
-        let snapshot = match Snapshot::new_as(
-            self.args.store.number_form(),
+        // Events were decoded in the store's number form: the state needs
+        // no rewriting, only serialising and hashing, once.
+        let snapshot = match PreparedSnapshot::from_state(
             self.args.key.clone(),
             self.workflow_id(),
             self.snap_version,
             self.snap_seq,
-            Value::Object(self.state.clone()),
+            &self.state,
         ) {
             Ok(snapshot) => snapshot,
             Err(error) => {
@@ -533,7 +549,13 @@ impl PolicyState {
         };
         let taken = (snapshot.version, snapshot.sequence);
         // Waits while the writer holds its maximum: backpressure.
-        let permit = self.args.writer_permits.clone().acquire_owned().await.ok()?;
+        let permit = self
+            .args
+            .writer_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .ok()?;
         if self
             .args
             .writer
@@ -578,7 +600,11 @@ impl PolicyState {
     /// Replace the state with the table's replay up to `upto`; it becomes
     /// the snapshot position.
     async fn replay_table(&mut self, workflow_id: &str, upto: i64) -> Result<(), StoreError> {
-        let events = self.args.store.workflow_events(workflow_id, 0, upto).await?;
+        let events = self
+            .args
+            .store
+            .workflow_events(workflow_id, 0, upto)
+            .await?;
         let reducer = self.config().reducer;
         self.state = reducer.initial(&self.args.key);
         self.folded.clear();
@@ -600,7 +626,12 @@ impl PolicyState {
     /// received, and snapshot the corrected state at once.
     async fn rebuild_from_table(&mut self, myself: &ActorRef<PolicyMsg>) {
         let workflow_id = self.workflow_id();
-        let upto = self.window.last().copied().unwrap_or(self.snap_seq).max(self.snap_seq);
+        let upto = self
+            .window
+            .last()
+            .copied()
+            .unwrap_or(self.snap_seq)
+            .max(self.snap_seq);
         match self.replay_table(&workflow_id, upto).await {
             Ok(()) => {
                 tracing::info!(entity = %self.args.key, version = self.snap_version, sequence = self.snap_seq,

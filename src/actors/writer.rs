@@ -6,7 +6,7 @@
 
 use super::router::RouterMsg;
 use crate::cli::chain;
-use crate::model::{EntityKey, Snapshot};
+use crate::model::{EntityKey, PreparedSnapshot, Snapshot};
 use crate::stats::Stats;
 use crate::store::Store;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -21,7 +21,7 @@ pub enum WriterMsg {
     /// From a policy actor: a snapshot to commit. The permit bounds how many
     /// snapshots wait here; it is released when this one is committed or
     /// replaced by a newer one.
-    Snapshot(Box<Snapshot>, OwnedSemaphorePermit),
+    Snapshot(Box<PreparedSnapshot>, OwnedSemaphorePermit),
     /// From a flush (connection `flush` or `snapshot` command): reply once
     /// every snapshot received before is committed.
     Flush(RpcReplyPort<()>),
@@ -53,7 +53,7 @@ pub struct WriterArgs {
 pub struct Writer;
 
 struct Pending {
-    snapshot: Box<Snapshot>,
+    snapshot: Box<PreparedSnapshot>,
     ticket: u64,
     _permit: OwnedSemaphorePermit,
 }
@@ -134,7 +134,7 @@ impl Actor for Writer {
                 }
             }
             WriterMsg::PendingFor(key, reply) => {
-                let _ = reply.send(state.pending.get(&key).map(|p| (*p.snapshot).clone()));
+                let _ = reply.send(state.pending.get(&key).map(|p| p.snapshot.to_snapshot()));
             }
             WriterMsg::SetRouter(router) => state.router = Some(router),
             WriterMsg::Commit => {
@@ -176,17 +176,13 @@ impl WriterState {
             self.finish_drain_if_done();
             return;
         }
-        let mut batch: Vec<(&EntityKey, &Pending)> = self.pending.iter().collect();
-        batch.sort_unstable_by_key(|(_, p)| p.ticket);
+        let mut batch: Vec<&Pending> = self.pending.values().collect();
+        batch.sort_unstable_by_key(|p| p.ticket);
         batch.truncate(self.args.batch_size);
-        let keys: Vec<EntityKey> = batch.iter().map(|(k, _)| (*k).clone()).collect();
-        let snapshots: Vec<Snapshot> = batch.iter().map(|(_, p)| (*p.snapshot).clone()).collect();
+        let keys: Vec<EntityKey> = batch.iter().map(|p| p.snapshot.key.clone()).collect();
+        let snapshots: Vec<&PreparedSnapshot> = batch.iter().map(|p| &*p.snapshot).collect();
         let store = &self.args.store;
-        let result = if self.args.covered {
-            store.save_batch_covered(&snapshots).await
-        } else {
-            store.save_batch(&snapshots).await
-        };
+        let result = store.save_prepared(&snapshots, self.args.covered).await;
         let stats = &self.args.stats;
         match result {
             Ok(outcome) => {

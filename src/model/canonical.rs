@@ -282,6 +282,13 @@ pub fn canonical_json(value: &Value) -> Result<String, CanonicalError> {
     Ok(out)
 }
 
+/// [`canonical_json`] of an object, without wrapping it in a `Value`.
+pub fn canonical_object(map: &Map<String, Value>) -> Result<String, CanonicalError> {
+    let mut out = String::with_capacity(1024);
+    write_object(&mut out, map)?;
+    Ok(out)
+}
+
 /// Lowercase hex SHA-256 of [`canonical_json`]: stabilize's `state_hash`.
 pub fn state_hash(value: &Value) -> Result<String, CanonicalError> {
     Ok(sha256_hex(canonical_json(value)?.as_bytes()))

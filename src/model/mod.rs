@@ -6,5 +6,6 @@ pub mod event;
 mod snapshot;
 
 pub use snapshot::{
-    EntityKey, EntityType, IdError, MAX_ID_CHARS, Snapshot, UnknownEntityType, check_id,
+    EntityKey, EntityType, IdError, MAX_ID_CHARS, PreparedSnapshot, Snapshot, UnknownEntityType,
+    check_id,
 };

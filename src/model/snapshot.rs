@@ -1,9 +1,11 @@
 //! The snapshot record and the key that names an entity (SPEC section 1).
 
-use super::canonical::{CanonicalError, NumberForm, normalize_value_as, state_hash};
+use super::canonical::{
+    CanonicalError, NumberForm, canonical_object, normalize_value_as, sha256_hex, state_hash,
+};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -169,6 +171,84 @@ impl Snapshot {
             "state": self.state,
             "state_hash": self.state_hash,
             "created_at": self.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, false),
+        })
+    }
+}
+
+/// A snapshot ready for the store: the state already serialised and hashed,
+/// so the writer holds text, not a tree, and nothing is computed twice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreparedSnapshot {
+    pub key: EntityKey,
+    pub workflow_id: Arc<str>,
+    pub version: i32,
+    pub sequence: i64,
+    /// The state as stored (numbers in the store's form).
+    pub state_text: String,
+    pub state_hash: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl PreparedSnapshot {
+    /// From a state whose numbers are already in the store's form (a
+    /// reducer's output over decoded events).
+    pub fn from_state(
+        key: EntityKey,
+        workflow_id: Arc<str>,
+        version: i32,
+        sequence: i64,
+        state: &Map<String, Value>,
+    ) -> Result<Self, CanonicalError> {
+        let state_hash = sha256_hex(canonical_object(state)?.as_bytes());
+        let state_text = serde_json::to_string(state).expect("a JSON map serialises");
+        Ok(PreparedSnapshot {
+            key,
+            workflow_id,
+            version,
+            sequence,
+            state_text,
+            state_hash,
+            created_at: Utc::now(),
+        })
+    }
+
+    /// Back to a [`Snapshot`] (state parsed again), for the rare reader.
+    pub fn to_snapshot(&self) -> Snapshot {
+        Snapshot {
+            key: self.key.clone(),
+            workflow_id: self.workflow_id.clone(),
+            version: self.version,
+            sequence: self.sequence,
+            state: serde_json::from_str(&self.state_text).expect("prepared from a JSON map"),
+            state_hash: self.state_hash.clone(),
+            created_at: self.created_at,
+        }
+    }
+}
+
+impl Snapshot {
+    /// Serialise for the store, checking the hash matches the state.
+    pub fn prepare(&self) -> Result<PreparedSnapshot, String> {
+        let Value::Object(state) = &self.state else {
+            return Err("state must be a JSON object".to_string());
+        };
+        let prepared = PreparedSnapshot::from_state(
+            self.key.clone(),
+            self.workflow_id.clone(),
+            self.version,
+            self.sequence,
+            state,
+        )
+        .map_err(|e| format!("state cannot be stored: {e}"))?;
+        if prepared.state_hash != self.state_hash {
+            return Err(format!(
+                "state_hash {} does not match the state (hashes to {})",
+                self.state_hash, prepared.state_hash
+            ));
+        }
+        Ok(PreparedSnapshot {
+            created_at: self.created_at,
+            ..prepared
         })
     }
 }

@@ -13,8 +13,8 @@ mod postgres;
 mod schema;
 mod sqlite;
 
-use crate::model::canonical::{CanonicalError, canonical_json, sha256_hex};
-use crate::model::{EntityKey, EntityType, Snapshot, check_id};
+use crate::model::canonical::{canonical_json, sha256_hex};
+use crate::model::{EntityKey, EntityType, PreparedSnapshot, Snapshot, check_id};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -122,12 +122,6 @@ pub struct VerifyReport {
     pub bad: u64,
 }
 
-/// A snapshot checked and serialised for writing.
-pub(crate) struct RowToWrite<'a> {
-    pub snapshot: &'a Snapshot,
-    pub state_text: String,
-}
-
 /// The store, on one of its two backends.
 #[derive(Clone, Debug)]
 pub enum Store {
@@ -180,69 +174,81 @@ impl Store {
 
     /// Upsert a batch in one transaction (see the module doc).
     pub async fn save_batch(&self, batch: &[Snapshot]) -> Result<BatchOutcome, StoreError> {
-        self.save(batch, false).await
+        let mut rejected = Vec::new();
+        let mut prepared = Vec::with_capacity(batch.len());
+        for snapshot in batch {
+            match snapshot.prepare() {
+                Ok(p) => prepared.push(p),
+                Err(reason) => rejected.push(Rejected {
+                    key: snapshot.key.clone(),
+                    version: snapshot.version,
+                    reason,
+                }),
+            }
+        }
+        let refs: Vec<&PreparedSnapshot> = prepared.iter().collect();
+        let mut outcome = self.save_prepared(&refs, false).await?;
+        rejected.append(&mut outcome.rejected);
+        outcome.rejected = rejected;
+        Ok(outcome)
     }
 
-    /// [`Store::save_batch`], writing only snapshots whose version equals
-    /// the number of their workflow's events up to their sequence in
-    /// stabilize's `events` table; the others are returned in `mismatched`.
-    pub async fn save_batch_covered(&self, batch: &[Snapshot]) -> Result<BatchOutcome, StoreError> {
-        self.save(batch, true).await
-    }
-
-    async fn save(&self, batch: &[Snapshot], covered: bool) -> Result<BatchOutcome, StoreError> {
-        let (mut rows, mut rejected) = prepare_batch(batch);
+    /// Upsert prepared snapshots in one transaction. With `covered`, only
+    /// snapshots whose version equals the number of their workflow's events
+    /// up to their sequence in stabilize's `events` table are written; the
+    /// others are returned in `mismatched`.
+    pub async fn save_prepared(
+        &self,
+        batch: &[&PreparedSnapshot],
+        covered: bool,
+    ) -> Result<BatchOutcome, StoreError> {
+        let (mut rows, rejected) = prepare_batch(batch);
         let mut mismatched = Vec::new();
         if covered && !rows.is_empty() {
             let counts = self.coverage(&rows).await?;
             let mut kept = Vec::with_capacity(rows.len());
             for (row, table_count) in rows.into_iter().zip(counts) {
-                if table_count == i64::from(row.snapshot.version) {
+                if table_count == i64::from(row.version) {
                     kept.push(row);
                 } else {
                     mismatched.push(Uncovered {
-                        key: row.snapshot.key.clone(),
-                        version: row.snapshot.version,
-                        sequence: row.snapshot.sequence,
+                        key: row.key.clone(),
+                        version: row.version,
+                        sequence: row.sequence,
                         table_count,
                     });
                 }
             }
             rows = kept;
         }
-        if rows.is_empty() {
-            return Ok(BatchOutcome {
-                skipped: (batch.len() - rejected.len() - mismatched.len()) as u64,
-                rejected,
-                mismatched,
-                ..BatchOutcome::default()
-            });
-        }
-        let mut outcome = match self {
-            Store::Postgres(s) => s.save_rows(&rows).await?,
-            Store::Sqlite(s) => s.save_rows(&rows).await?,
+        let not_written = (batch.len() - rows.len() - rejected.len() - mismatched.len()) as u64;
+        let mut outcome = if rows.is_empty() {
+            BatchOutcome::default()
+        } else {
+            match self {
+                Store::Postgres(s) => s.save_rows(&rows).await?,
+                Store::Sqlite(s) => s.save_rows(&rows).await?,
+            }
         };
-        outcome.skipped += (batch.len() - rows.len() - rejected.len() - mismatched.len()) as u64;
-        rejected.append(&mut outcome.rejected);
-        outcome.rejected = rejected;
+        outcome.skipped += not_written;
+        let mut all_rejected = rejected;
+        all_rejected.append(&mut outcome.rejected);
+        outcome.rejected = all_rejected;
         outcome.mismatched = mismatched;
         Ok(outcome)
     }
 
     /// For each row, how many events of its workflow the table holds up to
     /// its sequence.
-    async fn coverage(&self, rows: &[RowToWrite<'_>]) -> Result<Vec<i64>, StoreError> {
+    async fn coverage(&self, rows: &[&PreparedSnapshot]) -> Result<Vec<i64>, StoreError> {
         match self {
             Store::Postgres(s) => s.coverage(rows).await,
             Store::Sqlite(_) => {
                 let mut counts = Vec::with_capacity(rows.len());
                 for row in rows {
                     counts.push(
-                        self.count_workflow_events(
-                            &row.snapshot.workflow_id,
-                            row.snapshot.sequence,
-                        )
-                        .await?,
+                        self.count_workflow_events(&row.workflow_id, row.sequence)
+                            .await?,
                     );
                 }
                 Ok(counts)
@@ -314,9 +320,9 @@ impl Store {
 
 /// Keep the newest snapshot per entity and check each row the way the
 /// database would, so one bad row is named instead of failing the batch.
-fn prepare_batch(batch: &[Snapshot]) -> (Vec<RowToWrite<'_>>, Vec<Rejected>) {
-    let mut newest: HashMap<&EntityKey, &Snapshot> = HashMap::with_capacity(batch.len());
-    for snapshot in batch {
+fn prepare_batch<'a>(batch: &[&'a PreparedSnapshot]) -> (Vec<&'a PreparedSnapshot>, Vec<Rejected>) {
+    let mut newest: HashMap<&EntityKey, &'a PreparedSnapshot> = HashMap::with_capacity(batch.len());
+    for &snapshot in batch {
         newest
             .entry(&snapshot.key)
             .and_modify(|kept| {
@@ -330,10 +336,7 @@ fn prepare_batch(batch: &[Snapshot]) -> (Vec<RowToWrite<'_>>, Vec<Rejected>) {
     let mut rejected = Vec::new();
     for snapshot in newest.into_values() {
         match check_row(snapshot) {
-            Ok(state_text) => rows.push(RowToWrite {
-                snapshot,
-                state_text,
-            }),
+            Ok(()) => rows.push(snapshot),
             Err(reason) => rejected.push(Rejected {
                 key: snapshot.key.clone(),
                 version: snapshot.version,
@@ -344,7 +347,7 @@ fn prepare_batch(batch: &[Snapshot]) -> (Vec<RowToWrite<'_>>, Vec<Rejected>) {
     (rows, rejected)
 }
 
-fn check_row(snapshot: &Snapshot) -> Result<String, String> {
+fn check_row(snapshot: &PreparedSnapshot) -> Result<(), String> {
     check_id(&snapshot.key.entity_id).map_err(|e| format!("entity_id {e}"))?;
     check_id(&snapshot.workflow_id).map_err(|e| format!("workflow_id {e}"))?;
     if snapshot.version < 1 {
@@ -359,19 +362,7 @@ fn check_row(snapshot: &Snapshot) -> Result<String, String> {
             snapshot.sequence
         ));
     }
-    if !snapshot.state.is_object() {
-        return Err("state must be a JSON object".to_string());
-    }
-    let computed = canonical_json(&snapshot.state)
-        .map(|c| sha256_hex(c.as_bytes()))
-        .map_err(|e: CanonicalError| format!("state cannot be stored: {e}"))?;
-    if computed != snapshot.state_hash {
-        return Err(format!(
-            "state_hash {} does not match the state (hashes to {computed})",
-            snapshot.state_hash
-        ));
-    }
-    serde_json::to_string(&snapshot.state).map_err(|e| format!("state cannot be serialised: {e}"))
+    Ok(())
 }
 
 /// A row as read from either backend, not yet trusted.
@@ -459,11 +450,11 @@ mod tests {
         let key = EntityKey::new(EntityType::Workflow, "w1");
         let s1 = Snapshot::new(key.clone(), "w1", 1, 10, serde_json::json!({"a": 1})).unwrap();
         let s2 = Snapshot::new(key, "w1", 2, 11, serde_json::json!({"a": 2})).unwrap();
-        let batch = [s2.clone(), s1];
-        let (rows, rejected) = prepare_batch(&batch);
+        let (p1, p2) = (s1.prepare().unwrap(), s2.prepare().unwrap());
+        let (rows, rejected) = prepare_batch(&[&p2, &p1]);
         assert!(rejected.is_empty());
         assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].snapshot, &s2);
+        assert_eq!(rows[0], &p2);
     }
 
     #[test]
@@ -471,9 +462,6 @@ mod tests {
         let key = EntityKey::new(EntityType::Workflow, "w1");
         let mut s = Snapshot::new(key, "w1", 1, 10, serde_json::json!({"a": 1})).unwrap();
         s.state_hash = "0".repeat(64);
-        let batch = [s];
-        let (rows, rejected) = prepare_batch(&batch);
-        assert!(rows.is_empty());
-        assert!(rejected[0].reason.contains("does not match"));
+        assert!(s.prepare().unwrap_err().contains("does not match"));
     }
 }

@@ -1,8 +1,8 @@
 //! The Postgres backend: one `UNNEST` upsert per batch.
 
 use super::schema::{POSTGRES_SNAPSHOTS, missing_columns};
-use super::{BatchOutcome, Rejected, RowToWrite, StoreError, StoredRow, redact};
-use crate::model::EntityKey;
+use super::{BatchOutcome, Rejected, StoreError, StoredRow, redact};
+use crate::model::{EntityKey, PreparedSnapshot};
 use futures_util::TryStreamExt;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
@@ -113,7 +113,7 @@ impl PgStore {
 
     pub(super) async fn save_rows(
         &self,
-        rows: &[RowToWrite<'_>],
+        rows: &[&PreparedSnapshot],
     ) -> Result<BatchOutcome, StoreError> {
         let mut tx = self.begin().await?;
         match upsert(&mut tx, rows).await {
@@ -142,7 +142,7 @@ impl PgStore {
     /// under a savepoint, so the bad row is named and the others still land.
     async fn save_rows_one_by_one(
         &self,
-        rows: &[RowToWrite<'_>],
+        rows: &[&PreparedSnapshot],
     ) -> Result<BatchOutcome, StoreError> {
         let mut tx = self.begin().await?;
         let mut outcome = BatchOutcome::default();
@@ -157,8 +157,8 @@ impl PgStore {
                 Err(error) if is_row_error(&error) => {
                     savepoint(&mut tx, "ROLLBACK TO SAVEPOINT snapshot_row").await?;
                     outcome.rejected.push(Rejected {
-                        key: row.snapshot.key.clone(),
-                        version: row.snapshot.version,
+                        key: row.key.clone(),
+                        version: row.version,
                         reason: format!("PostgreSQL refused the row: {error}"),
                     });
                 }
@@ -183,9 +183,12 @@ impl PgStore {
             .map_err(StoreError::query("begin a transaction"))
     }
 
-    pub(super) async fn coverage(&self, rows: &[RowToWrite<'_>]) -> Result<Vec<i64>, StoreError> {
-        let workflows: Vec<&str> = rows.iter().map(|r| &*r.snapshot.workflow_id).collect();
-        let sequences: Vec<i64> = rows.iter().map(|r| r.snapshot.sequence).collect();
+    pub(super) async fn coverage(
+        &self,
+        rows: &[&PreparedSnapshot],
+    ) -> Result<Vec<i64>, StoreError> {
+        let workflows: Vec<&str> = rows.iter().map(|r| &*r.workflow_id).collect();
+        let sequences: Vec<i64> = rows.iter().map(|r| r.sequence).collect();
         sqlx::query_scalar(COVERAGE)
             .bind(workflows)
             .bind(sequences)
@@ -270,7 +273,7 @@ async fn savepoint(
 
 async fn upsert(
     tx: &mut Transaction<'_, Postgres>,
-    rows: &[RowToWrite<'_>],
+    rows: &[&PreparedSnapshot],
 ) -> Result<u64, sqlx::Error> {
     let n = rows.len();
     let mut entity_types = Vec::with_capacity(n);
@@ -282,7 +285,7 @@ async fn upsert(
     let mut hashes = Vec::with_capacity(n);
     let mut created = Vec::with_capacity(n);
     for row in rows {
-        let s = row.snapshot;
+        let s = row;
         entity_types.push(s.key.entity_type.as_str());
         entity_ids.push(&*s.key.entity_id);
         workflow_ids.push(&*s.workflow_id);

@@ -2,8 +2,8 @@
 //! all rows of a batch in one transaction.
 
 use super::schema::{SQLITE_SNAPSHOTS, missing_columns};
-use super::{BatchOutcome, Rejected, RowToWrite, StoreError, StoredRow};
-use crate::model::EntityKey;
+use super::{BatchOutcome, Rejected, StoreError, StoredRow};
+use crate::model::{EntityKey, PreparedSnapshot};
 use chrono::{DateTime, NaiveDateTime, Utc};
 use futures_util::TryStreamExt;
 use sqlx::sqlite::{
@@ -112,7 +112,7 @@ impl SqliteStore {
 
     pub(super) async fn save_rows(
         &self,
-        rows: &[RowToWrite<'_>],
+        rows: &[&PreparedSnapshot],
     ) -> Result<BatchOutcome, StoreError> {
         let mut tx = self
             .pool
@@ -128,8 +128,8 @@ impl SqliteStore {
                 }
                 // A failed statement rolls back only itself in SQLite.
                 Err(error) if is_row_error(&error) => outcome.rejected.push(Rejected {
-                    key: row.snapshot.key.clone(),
-                    version: row.snapshot.version,
+                    key: row.key.clone(),
+                    version: row.version,
                     reason: format!("SQLite refused the row: {error}"),
                 }),
                 Err(source) => {
@@ -219,9 +219,9 @@ impl SqliteStore {
 
 async fn upsert(
     tx: &mut Transaction<'_, Sqlite>,
-    row: &RowToWrite<'_>,
+    row: &&PreparedSnapshot,
 ) -> Result<u64, sqlx::Error> {
-    let s = row.snapshot;
+    let s = row;
     let result = sqlx::query(UPSERT)
         .bind(s.key.entity_type.as_str())
         .bind(&*s.key.entity_id)

@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         confirmed = forwarder.flush(timeout=args.flush_timeout)
         flushed = time.monotonic()
-        forwarder.close()
+        forwarder.close(timeout=5.0 if confirmed else 1.0)  # no second long wait for a daemon that is stuck
     except Fatal as exc:
         sys.stderr.write(f"forward_workflows: {exc}\n")
         return 2
