@@ -10,7 +10,7 @@ to snapshotd. Usage::
     from stabilize_forwarder import install
 
     configure_event_sourcing(event_store)
-    forwarder = install(get_event_bus())    # path: $SNAPSHOTD_SOCKET or ./snapshotd.sock
+    forwarder = install(get_event_bus())    # path: $SNAPSHOTD_SOCKET__PATH or ./snapshotd.sock
     ...
     forwarder.flush(timeout=5)              # optional: wait until snapshotd confirms
     forwarder.close()
@@ -55,7 +55,7 @@ class SnapshotdForwarder:
 
     def __init__(self, socket_path: str | None = None, max_buffer: int = 10_000,
                  max_backoff: float = 5.0, flush_every: int = 500) -> None:
-        self.socket_path = socket_path or os.environ.get("SNAPSHOTD_SOCKET", "./snapshotd.sock")
+        self.socket_path = socket_path or os.environ.get("SNAPSHOTD_SOCKET__PATH", "./snapshotd.sock")
         self.max_buffer, self.max_backoff, self.flush_every = max_buffer, max_backoff, flush_every
         self.dropped = 0      # events dropped because the buffer was full
         self.received = 0     # events handed to handle() with a store sequence
@@ -70,6 +70,7 @@ class SnapshotdForwarder:
         self._frame = 0        # frames sent on the current connection (snapshotd numbers them from 1)
         self._since_mark = 0   # event lines sent since the last flush mark
         self._flush_sent = 0.0  # monotonic time the last flush was sent
+        self._confirmed = 0     # flush replies received on the current connection
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="snapshotd-forwarder", daemon=True)
@@ -131,11 +132,11 @@ class SnapshotdForwarder:
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
             log.info("Connected to snapshotd at %s.", self.socket_path)
-            connected_at, outage, alive = time.monotonic(), False, threading.Event()
+            outage, alive = False, threading.Event()
             alive.set()
             with self._cv:
                 self.connections += 1
-                self._frame = self._since_mark = 0
+                self._frame = self._since_mark = self._confirmed = 0
             threading.Thread(target=self._read_replies, args=(sock, alive), daemon=True).start()
             finished = self._send_loop(sock, alive)
             try:
@@ -153,7 +154,8 @@ class SnapshotdForwarder:
                 self._buf.extendleft(reversed(redo))
                 self._unacked.clear()
                 self._marks.clear()
-            if time.monotonic() - connected_at < 1.0:  # a daemon that accepts then drops us: back off too
+                confirmed = self._confirmed
+            if not confirmed:  # a daemon that accepts, then drops us before confirming anything: back off
                 if not self._pause(backoff):
                     return
                 backoff = min(backoff * 2, self.max_backoff)
@@ -248,6 +250,7 @@ class SnapshotdForwarder:
                     frame = reply.get("frame")
                     if not isinstance(frame, int):  # a daemon that does not number replies: in order
                         frame = self._marks[0][0]
+                    self._confirmed += 1
                     while self._marks and self._marks[0][0] <= frame:
                         _, waiter = self._marks.popleft()
                         if waiter is not None:

@@ -10,7 +10,7 @@ use crate::model::event::Limits;
 use crate::reducer::Reducer;
 use crate::settings::{EventsTable, Settings};
 use crate::stats::Stats;
-use crate::store::{Store, StoreError, StoreOptions};
+use crate::store::{EventsTableWatch, Store, StoreError, StoreOptions};
 use ractor::{Actor, ActorRef};
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -73,12 +73,14 @@ impl App {
         .await?;
         store.migrate().await?;
         let reducer = Reducer::from(settings.reducer.kind);
-        let events_table = reducer == Reducer::Stabilize
-            && settings.database.events_table == EventsTable::Auto
-            && store.has_events_table().await?;
+        let events_table = Arc::new(EventsTableWatch::new(
+            store.clone(),
+            reducer == Reducer::Stabilize && settings.database.events_table == EventsTable::Auto,
+        ));
+        let found = events_table.check().await;
         tracing::info!(
             database = %crate::store::redact(&settings.database.url),
-            events_table,
+            events_table = found,
             reducer = ?reducer,
             "Store ready."
         );
@@ -89,7 +91,7 @@ impl App {
             Writer,
             WriterArgs {
                 store: store.clone(),
-                covered: events_table,
+                events_table: events_table.clone(),
                 batch_size: settings.writer.batch_size,
                 batch_delay: Duration::from_millis(settings.writer.batch_delay_ms),
                 retry_max: Duration::from_secs(settings.writer.retry_max_secs),

@@ -43,7 +43,7 @@ use crate::model::event::Event;
 use crate::model::{EntityKey, PreparedSnapshot};
 use crate::reducer::Reducer;
 use crate::stats::Stats;
-use crate::store::{Store, StoreError};
+use crate::store::{EventsTableWatch, Store, StoreError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -86,8 +86,8 @@ pub struct PolicyConfig {
     pub event_interval: usize,
     pub time_interval: Duration,
     pub idle_timeout: Duration,
-    /// Stabilize's events table is in the store's database.
-    pub events_table: bool,
+    /// Stabilize's events table in the store's database, once found.
+    pub events_table: Arc<EventsTableWatch>,
 }
 
 /// Start arguments.
@@ -120,7 +120,8 @@ pub struct PolicyState {
     /// Sequences at or below this were forgotten from `folded` (or were
     /// never seen: covered by the snapshot hydrated from).
     forgotten_upto: i64,
-    /// An event was folded out of sequence order: rebuild before snapshotting.
+    /// An event was folded out of sequence order: re-fold from the table
+    /// before snapshotting, when there is one.
     dirty: bool,
     hydrated: bool,
     stash: Vec<PolicyMsg>,
@@ -238,7 +239,7 @@ impl PolicyState {
                 let _ = reply.send(taken);
             }
             PolicyMsg::Resync => {
-                if state.args.config.events_table {
+                if state.args.config.events_table.known() {
                     state.rebuild_from_table(myself).await;
                 }
             }
@@ -315,7 +316,7 @@ impl PolicyState {
             // Older sequences are settled by the table, or covered by it without one.
             self.forgotten_upto = sequence;
         }
-        if self.config().events_table {
+        if self.config().events_table.check().await {
             let workflow_id = self.workflow_id();
             if had_snapshot && !self.snapshot_matches_table().await? {
                 self.replay_table(&workflow_id, self.snap_seq).await?;
@@ -407,7 +408,7 @@ impl PolicyState {
             self.args.stats.events_duplicate.fetch_add(1, Relaxed);
             return;
         }
-        let table = self.config().events_table;
+        let table = self.config().events_table.known();
         if seq <= self.snap_seq {
             if table {
                 // The table settles it: a duplicate from before we knew, or
@@ -426,10 +427,11 @@ impl PolicyState {
                 return;
             }
             self.args.stats.events_late.fetch_add(1, Relaxed);
+            self.dirty = true;
         } else if self.window.last().is_some_and(|&last| last > seq) {
             // Out of sequence order within the window.
             self.args.stats.events_late.fetch_add(1, Relaxed);
-            self.dirty |= table;
+            self.dirty = true;
         }
         self.fold(&event);
     }
@@ -471,9 +473,10 @@ impl PolicyState {
         if self.window.is_empty() {
             return None;
         }
-        if self.dirty {
-            // Folded out of order: the last snapshot plus the table's
-            // events, in sequence order, instead.
+        // Folded out of order: the last snapshot plus the table's events,
+        // in sequence order, instead. (Without a table, arrival order is
+        // trusted; a table that appeared since is used.)
+        if self.dirty && self.config().events_table.check().await {
             let upto = *self.window.last()?;
             if let Err(error) = self.refold_window(upto).await {
                 tracing::warn!(entity = %self.args.key, error = %chain(&error),
@@ -481,6 +484,7 @@ impl PolicyState {
                 return None;
             }
         }
+        self.dirty = false;
         let window = std::mem::take(&mut self.window);
         self.snap_version += window.len() as i32;
         self.snap_seq = self.snap_seq.max(*window.last()?);
@@ -578,7 +582,7 @@ impl PolicyState {
         }
         // With the table to settle older questions, a few windows suffice.
         let keep = self.config().event_interval.saturating_mul(4).max(64);
-        if self.config().events_table && self.folded.len() > keep * 2 {
+        if self.config().events_table.known() && self.folded.len() > keep * 2 {
             let cut = self.folded.len() - keep;
             self.forgotten_upto = self.forgotten_upto.max(self.folded[cut - 1]);
             self.folded.drain(..cut);

@@ -8,7 +8,7 @@ use super::router::RouterMsg;
 use crate::cli::chain;
 use crate::model::{EntityKey, PreparedSnapshot, Snapshot};
 use crate::stats::Stats;
-use crate::store::Store;
+use crate::store::{EventsTableWatch, Store};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,8 +41,9 @@ pub enum WriterMsg {
 /// Start arguments.
 pub struct WriterArgs {
     pub store: Store,
-    /// Check each snapshot against stabilize's events table before writing.
-    pub covered: bool,
+    /// When found, each snapshot is checked against stabilize's events
+    /// table in the batch that commits it.
+    pub events_table: Arc<EventsTableWatch>,
     pub batch_size: usize,
     pub batch_delay: Duration,
     pub retry_max: Duration,
@@ -182,7 +183,8 @@ impl WriterState {
         let keys: Vec<EntityKey> = batch.iter().map(|p| p.snapshot.key.clone()).collect();
         let snapshots: Vec<&PreparedSnapshot> = batch.iter().map(|p| &*p.snapshot).collect();
         let store = &self.args.store;
-        let result = store.save_prepared(&snapshots, self.args.covered).await;
+        let covered = self.args.events_table.check().await;
+        let result = store.save_prepared(&snapshots, covered).await;
         let stats = &self.args.stats;
         match result {
             Ok(outcome) => {

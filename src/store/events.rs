@@ -9,6 +9,8 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use sqlx::Row;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// Columns the daemon reads from `events`.
 const EVENT_COLUMNS: &[&str] = &[
@@ -187,5 +189,67 @@ impl Store {
         rows.into_iter()
             .map(|row| row.into_event(numbers))
             .collect()
+    }
+}
+
+/// Whether stabilize's `events` table is there to check against, found
+/// when it appears: a daemon started before stabilize created its tables
+/// must not go on trusting the feed once they exist.
+#[derive(Debug)]
+pub struct EventsTableWatch {
+    store: Store,
+    /// `database.events_table = "auto"` and the stabilize reducer.
+    enabled: bool,
+    found: AtomicBool,
+    /// Milliseconds since `started` of the last look, to look at most every
+    /// `RECHECK` while the table is absent.
+    last_look_ms: AtomicU64,
+    started: Instant,
+}
+
+impl EventsTableWatch {
+    const RECHECK: Duration = Duration::from_millis(200);
+
+    pub fn new(store: Store, enabled: bool) -> Self {
+        EventsTableWatch {
+            store,
+            enabled,
+            found: AtomicBool::new(false),
+            last_look_ms: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    /// Known to be there (no I/O; for per-event decisions).
+    pub fn known(&self) -> bool {
+        self.found.load(Ordering::Acquire)
+    }
+
+    /// Look again when not yet found (at most every 200 ms); true once it is.
+    pub async fn check(&self) -> bool {
+        if !self.enabled || self.known() {
+            return self.known();
+        }
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.last_look_ms.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < Self::RECHECK.as_millis() as u64 {
+            return false;
+        }
+        self.last_look_ms.store(now.max(1), Ordering::Relaxed);
+        match self.store.has_events_table().await {
+            Ok(true) => {
+                if !self.found.swap(true, Ordering::AcqRel) {
+                    tracing::info!(
+                        "Found stabilize's events table: hydrating from it and checking every snapshot against it."
+                    );
+                }
+                true
+            }
+            Ok(false) => false,
+            Err(error) => {
+                tracing::warn!(error = %crate::cli::chain(&error), "Looking for the events table failed.");
+                false
+            }
+        }
     }
 }

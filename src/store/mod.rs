@@ -20,6 +20,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+pub use events::EventsTableWatch;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 

@@ -122,3 +122,43 @@ async fn a_crash_mid_stream_and_a_full_resend_still_give_exact_snapshots() {
     stream(&daemon, &events);
     verify(&backend, 200);
 }
+
+/// Live: a stabilize application records workflows through its own event
+/// sourcing, with the example forwarder on its bus; the daemon was started
+/// before stabilize created its tables, so it must find the events table
+/// when it appears.
+async fn forwarded_live(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &backend.url(), POLICY);
+    let mut args = backend.python_args();
+    args.extend([
+        "--socket".into(),
+        daemon.socket.display().to_string(),
+        "--workflows".into(),
+        "100".into(),
+        "--seed".into(),
+        "3".into(),
+    ]);
+    let out = run_python(
+        "forward_workflows.py",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(summary["dropped"], 0, "{summary}");
+    verify(&backend, 300);
+    assert!(
+        daemon.log().contains("Found stabilize's events table"),
+        "{}",
+        daemon.log()
+    );
+}
+
+#[tokio::test]
+async fn events_forwarded_live_from_stabilizes_bus_give_exact_snapshots_on_postgres() {
+    forwarded_live(Backend::postgres().await).await;
+}
+
+#[tokio::test]
+async fn events_forwarded_live_from_stabilizes_bus_give_exact_snapshots_on_sqlite() {
+    forwarded_live(Backend::sqlite()).await;
+}
