@@ -246,19 +246,16 @@ async fn command_reply(
                 .await;
         }
         Command::Flush => {
-            let router = ctx.router.clone();
+            // Sent now, in frame order: behind this connection's events and
+            // ahead of its `Closed`; only the wait happens in a task.
+            let (reply, done) = ractor::concurrency::oneshot();
+            let sent = ctx.router.cast(RouterMsg::Flush {
+                connection: id,
+                reply: reply.into(),
+            });
             tokio::spawn(async move {
-                let call = router
-                    .call(
-                        |reply| RouterMsg::Flush {
-                            connection: id,
-                            reply,
-                        },
-                        None,
-                    )
-                    .await;
-                let line = match call {
-                    Ok(ractor::rpc::CallResult::Success(())) => ok_line("flush", frame, json!({})),
+                let line = match (sent, done.await) {
+                    (Ok(()), Ok(())) => ok_line("flush", frame, json!({})),
                     _ => fail_line("flush", frame, "the daemon is shutting down".into()),
                 };
                 let _ = replies.send(line).await;
@@ -269,19 +266,19 @@ async fn command_reply(
             entity_id,
         } => {
             let key = EntityKey::new(entity_type, entity_id);
-            let router = ctx.router.clone();
+            let (reply, done) = ractor::concurrency::oneshot();
+            let sent = ctx.router.cast(RouterMsg::Snapshot {
+                key: key.clone(),
+                reply: reply.into(),
+            });
             tokio::spawn(async move {
-                let asked = key.clone();
-                let call = router
-                    .call(|reply| RouterMsg::Snapshot { key: asked, reply }, None)
-                    .await;
-                let line = match call {
-                    Ok(ractor::rpc::CallResult::Success(Some((version, sequence)))) => ok_line(
+                let line = match (sent, done.await) {
+                    (Ok(()), Ok(Some((version, sequence)))) => ok_line(
                         "snapshot",
                         frame,
                         json!({"entity": key.to_string(), "taken": true, "version": version, "sequence": sequence}),
                     ),
-                    Ok(ractor::rpc::CallResult::Success(None)) => ok_line(
+                    (Ok(()), Ok(None)) => ok_line(
                         "snapshot",
                         frame,
                         json!({"entity": key.to_string(), "taken": false, "reason": "no new events"}),

@@ -128,6 +128,7 @@ impl Actor for Writer {
             }
             WriterMsg::Flush(reply) => {
                 let upto = state.next_ticket - 1;
+                tracing::debug!(upto, pending = state.pending.len(), "Flush.");
                 state.waiters.push((upto, reply));
                 state.answer_waiters();
                 if !state.waiters.is_empty() && state.backoff.is_zero() {
@@ -185,6 +186,7 @@ impl WriterState {
         let store = &self.args.store;
         let covered = self.args.events_table.check().await;
         let result = store.save_prepared(&snapshots, covered).await;
+        tracing::debug!(batch = snapshots.len(), versions = ?snapshots.iter().map(|s| s.version).collect::<Vec<_>>(), ok = result.is_ok(), "Batch committed.");
         let stats = &self.args.stats;
         match result {
             Ok(outcome) => {

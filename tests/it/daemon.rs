@@ -319,3 +319,50 @@ async fn a_store_outage_loses_nothing_and_writing_resumes() {
         "the outage is logged"
     );
 }
+
+#[test]
+fn the_merge_reducer_patches_per_entity_and_the_writer_prunes_old_snapshots() {
+    let backend = Backend::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        "[reducer]\nkind = \"merge\"\n[policy]\nevent_interval = 1\nkeep_snapshots = 2\n[writer]\nbatch_size = 1\n[log]\nformat = \"json\"\n",
+    );
+    let task = |seq: i64, data: Value| {
+        json!({"event_type": "task.updated", "timestamp": "2026-11-26T00:00:00Z", "sequence": seq,
+               "entity_type": "task", "entity_id": "t1", "workflow_id": "wf", "data": data})
+        .to_string()
+        .into_bytes()
+    };
+    let mut frames = vec![
+        task(1, json!({"a": 1, "nested": {"x": 1, "y": 2}})),
+        task(2, json!({"nested": {"y": null, "z": [1]}})),
+        task(3, json!({"a": null, "b": "two"})),
+        task(4, json!({"c": 1e-7})),
+    ];
+    frames.push(br#"{"op":"flush"}"#.to_vec());
+    let replies = daemon.converse(&frames);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    let reply = daemon.command(json!({"op": "get", "entity_type": "task", "entity_id": "t1"}));
+    let snapshot = &reply["snapshot"];
+    assert_eq!(snapshot["version"], 4, "{reply}");
+    // On SQLite numbers are kept as Python reads them: 1e-7 is the float 1e-07.
+    let expected: Value =
+        serde_json::from_str(r#"{"nested": {"x": 1, "z": [1]}, "b": "two", "c": 1e-07}"#).unwrap();
+    assert_eq!(snapshot["state"], expected);
+    // Only the newest two of the four snapshots are kept.
+    let rows = std::process::Command::new(env!("CARGO_BIN_EXE_snapshotd"))
+        .args(["verify", "--database-url", &backend.url()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&rows.stdout).starts_with("2 snapshot rows verified"),
+        "{rows:?}"
+    );
+    // Logs are JSON lines when asked.
+    let log = daemon.log();
+    let first = log.lines().next().expect("a log line");
+    let parsed: Value = serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    assert_eq!(parsed["level"], "INFO", "{parsed}");
+}
