@@ -224,56 +224,55 @@ impl Actor for Policy {
 impl PolicyState {
     /// Everything but hydration.
     async fn process(&mut self, myself: &ActorRef<PolicyMsg>, msg: PolicyMsg) {
-        let state = self;
         match msg {
             PolicyMsg::Hydrate => unreachable!("handled by the actor"),
             PolicyMsg::Event(event, _permit) => {
-                state.receive(myself, event);
-                state.after_change(myself).await;
+                self.receive(myself, event);
+                self.after_change(myself).await;
             }
             PolicyMsg::Barrier(reply) => {
                 let _ = reply.send(());
             }
             PolicyMsg::ForceSnapshot(reply) => {
-                let taken = state.snapshot().await;
+                let taken = self.snapshot().await;
                 let _ = reply.send(taken);
             }
             PolicyMsg::Resync => {
-                if state.args.config.events_table.known() {
-                    state.rebuild_from_table(myself).await;
+                if self.args.config.events_table.known() {
+                    self.rebuild_from_table(myself).await;
                 }
             }
             PolicyMsg::Stop { snapshot } => {
                 if snapshot {
-                    state.snapshot().await;
+                    self.snapshot().await;
                 }
                 myself.stop(None);
             }
             PolicyMsg::Tick => {
-                state.tick = None;
+                self.tick = None;
                 let now = Instant::now();
-                if let Some(due) = state.time_due()
+                if let Some(due) = self.time_due()
                     && now >= due
                 {
-                    state.snapshot().await;
+                    self.snapshot().await;
                 }
-                if now >= state.last_event_at + state.args.config.idle_timeout {
-                    let _ = state.args.router.cast(RouterMsg::Idle {
-                        key: state.args.key.clone(),
+                if now >= self.last_event_at + self.args.config.idle_timeout {
+                    let _ = self.args.router.cast(RouterMsg::Idle {
+                        key: self.args.key.clone(),
                         id: myself.get_id(),
                     });
                 } else {
-                    state.arm_tick(myself);
+                    self.arm_tick(myself);
                 }
             }
             PolicyMsg::CheckBase => {
-                state.check_scheduled = false;
-                match state.snapshot_matches_table().await {
+                self.check_scheduled = false;
+                match self.snapshot_matches_table().await {
                     Ok(true) => {}
-                    Ok(false) => state.rebuild_from_table(myself).await,
+                    Ok(false) => self.rebuild_from_table(myself).await,
                     Err(error) => {
-                        tracing::warn!(entity = %state.args.key, error = %chain(&error), "Checking the base against the events table failed; retrying.");
-                        state.check_scheduled = true;
+                        tracing::warn!(entity = %self.args.key, error = %chain(&error), "Checking the base against the events table failed; retrying.");
+                        self.check_scheduled = true;
                         myself.send_after(Duration::from_secs(1), || PolicyMsg::CheckBase);
                     }
                 }

@@ -119,35 +119,17 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Build a snapshot: numbers are brought to their JSONB text and the hash
-    /// computed; fails where stabilize could not store or read the state back.
+    /// Build a snapshot: numbers are brought to their JSONB text (a form
+    /// both backends' readers see unchanged) and the hash computed; fails
+    /// where stabilize could not store or read the state back.
     pub fn new(
-        key: EntityKey,
-        workflow_id: impl Into<Arc<str>>,
-        version: i32,
-        sequence: i64,
-        state: Value,
-    ) -> Result<Self, CanonicalError> {
-        Self::new_as(
-            NumberForm::Jsonb,
-            key,
-            workflow_id,
-            version,
-            sequence,
-            state,
-        )
-    }
-
-    /// [`Snapshot::new`] with numbers in the form the target store's reader sees.
-    pub fn new_as(
-        form: NumberForm,
         key: EntityKey,
         workflow_id: impl Into<Arc<str>>,
         version: i32,
         sequence: i64,
         mut state: Value,
     ) -> Result<Self, CanonicalError> {
-        normalize_value_as(&mut state, form)?;
+        normalize_value_as(&mut state, NumberForm::Jsonb)?;
         let state_hash = state_hash(&state)?;
         Ok(Snapshot {
             key,
