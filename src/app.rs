@@ -44,6 +44,12 @@ pub enum StartError {
         group: String,
         reason: String,
     },
+    #[error("cannot serve metrics on {address}")]
+    Metrics {
+        address: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot start the {0} actor: {1}")]
     Spawn(&'static str, String),
 }
@@ -51,6 +57,8 @@ pub enum StartError {
 /// A running daemon.
 pub struct App {
     pub socket_path: PathBuf,
+    /// Where `GET /metrics` is served, when it is.
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// The socket came from systemd (socket activation): systemd owns the file.
     activated: bool,
     watchdog: Option<JoinHandle<()>>,
@@ -84,7 +92,7 @@ impl App {
             reducer = ?reducer,
             "Store ready."
         );
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(Stats::new());
 
         let (writer, _) = Actor::spawn(
             None,
@@ -143,6 +151,27 @@ impl App {
             },
             max_connections: settings.socket.max_connections,
         };
+        let metrics_address = if settings.metrics.address.is_empty() {
+            None
+        } else {
+            let wanted = settings.metrics.address.clone();
+            let listener = tokio::net::TcpListener::bind(&wanted)
+                .await
+                .map_err(|source| StartError::Metrics {
+                    address: wanted,
+                    source,
+                })?;
+            let bound = listener.local_addr().ok();
+            tokio::spawn(crate::telemetry::serve_metrics(
+                listener,
+                stats.clone(),
+                stop_rx.clone(),
+            ));
+            if let Some(bound) = bound {
+                tracing::info!(address = %bound, "Serving metrics at /metrics.");
+            }
+            bound
+        };
         let ingest = tokio::spawn(ingest::serve(listener, ctx, stop_rx));
         tracing::info!(socket = %settings.socket.path.display(), activated, "Listening.");
         notify_systemd(&[sd_notify::NotifyState::Ready]);
@@ -156,6 +185,7 @@ impl App {
             })
         });
         Ok(App {
+            metrics_address,
             activated,
             watchdog,
             socket_path: settings.socket.path.clone(),

@@ -1,11 +1,28 @@
 //! snapshotd keeps snapshots of event-sourced entities current in the
 //! background, in the very `snapshots` table stabilize reads.
 //!
-//! * [`model`] — snapshots, entity keys, canonical JSON and `state_hash` (pure).
-//! * [`store`] — the `snapshots` table on SQLite (default) or Postgres.
+//! * [`app`] — start (store, writer, router, socket, metrics) and ordered shutdown.
+//! * [`actors`] — ingest (socket tasks), router, policy and writer actors.
+//! * [`model`] — snapshots, entity keys, events, canonical JSON and `state_hash` (pure).
+//! * [`reducer`] — stabilize's replay and RFC 7396 merge (pure).
+//! * [`store`] — the `snapshots` table on SQLite (default) or Postgres; stabilize's events table.
 //! * [`settings`] — layered, validated configuration.
-//! * [`telemetry`] — log set-up.
+//! * [`stats`] — counters, gauges, histograms: `stats` command and Prometheus.
+//! * [`telemetry`] — logs and the `/metrics` endpoint.
 //! * [`cli`] — what each subcommand does.
+//!
+//! ```text
+//!  producers ──NDJSON──▶ ingest: a task per connection
+//!                            │ Event (in-flight permit)
+//!                            ▼
+//!                         Router (supervisor)
+//!                  spawn_linked │ restart after a panic, passivate when idle
+//!                            ▼
+//!              Policy actor per entity ── fold, thresholds, hydration
+//!                            │ PreparedSnapshot (writer permit)
+//!                            ▼
+//!                         Writer ── batches ──▶ Store (SQLite / Postgres)
+//! ```
 
 pub mod actors;
 pub mod app;

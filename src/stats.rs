@@ -1,14 +1,22 @@
-//! Counters and gauges the daemon keeps, defined once: the `stats` command
-//! reads them, and so will the Prometheus endpoint. Each happening that is
-//! logged is counted by the same helper, so logs and numbers agree.
+//! Counters, gauges and histograms the daemon keeps, defined once and
+//! registered for Prometheus (`metrics.address`, `GET /metrics`); the
+//! `stats` command reads the same values. Each happening that is logged is
+//! counted by the same helper, so logs and numbers agree.
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 use serde_json::{Map, Value, json};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-/// Names of the counters, as `stats` shows them.
+/// Metric names (Prometheus adds `_total` to counters), under the
+/// `snapshotd_` prefix.
 pub mod names {
+    pub const PREFIX: &str = "snapshotd";
     pub const EVENTS_RECEIVED: &str = "events_received";
     pub const EVENTS_INVALID: &str = "events_invalid";
     pub const EVENTS_DUPLICATE: &str = "events_duplicate";
@@ -21,29 +29,42 @@ pub mod names {
     pub const HYDRATIONS: &str = "hydrations";
     pub const ACTOR_RESTARTS: &str = "actor_restarts";
     pub const REPLIES_DROPPED: &str = "replies_dropped";
+    pub const ACTIVE_ENTITIES: &str = "active_entities";
+    pub const CONNECTIONS: &str = "connections";
+    pub const WRITER_PENDING: &str = "writer_pending";
+    pub const STORE_UP: &str = "store_up";
+    pub const WRITE_LATENCY: &str = "write_latency_seconds";
+    pub const WRITE_BATCH: &str = "write_batch_size";
+}
+
+/// The `kind` label of refused frames.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
 }
 
 /// Shared by every part of the daemon.
 #[derive(Debug)]
 pub struct Stats {
-    pub events_received: AtomicU64,
-    pub events_invalid: AtomicU64,
-    pub events_duplicate: AtomicU64,
-    pub events_late: AtomicU64,
-    pub snapshots_written: AtomicU64,
-    pub snapshots_rejected: AtomicU64,
-    pub snapshots_uncovered: AtomicU64,
-    pub write_errors: AtomicU64,
-    pub rebuilds: AtomicU64,
-    pub hydrations: AtomicU64,
-    pub actor_restarts: AtomicU64,
-    pub replies_dropped: AtomicU64,
-    /// Gauges.
-    pub active_entities: AtomicI64,
-    pub connections: AtomicI64,
-    pub writer_pending: AtomicI64,
-    pub store_up: AtomicI64,
-    invalid_by_kind: Mutex<Map<String, Value>>,
+    pub events_received: Counter,
+    pub events_invalid: Family<KindLabel, Counter>,
+    pub events_duplicate: Counter,
+    pub events_late: Counter,
+    pub snapshots_written: Counter,
+    pub snapshots_rejected: Counter,
+    pub snapshots_uncovered: Counter,
+    pub write_errors: Counter,
+    pub rebuilds: Counter,
+    pub hydrations: Counter,
+    pub actor_restarts: Counter,
+    pub replies_dropped: Counter,
+    pub active_entities: Gauge,
+    pub connections: Gauge,
+    pub writer_pending: Gauge,
+    pub store_up: Gauge,
+    pub write_latency: Histogram,
+    pub write_batch: Histogram,
+    registry: Registry,
     warn_limiter: Mutex<RateLimit>,
     started: Instant,
 }
@@ -58,44 +79,164 @@ struct RateLimit {
 /// Most rate-limited warnings logged per second.
 const WARNINGS_PER_SECOND: u32 = 10;
 
+/// Every kind of refused frame, so `stats` can list them.
+const INVALID_KINDS: &[&str] = &[
+    "invalid_utf8",
+    "oversized",
+    "too_deep",
+    "malformed_json",
+    "not_an_object",
+    "missing_field",
+    "invalid_field",
+    "unknown_op",
+];
+
 impl Default for Stats {
     fn default() -> Self {
-        Stats {
-            events_received: AtomicU64::new(0),
-            events_invalid: AtomicU64::new(0),
-            events_duplicate: AtomicU64::new(0),
-            events_late: AtomicU64::new(0),
-            snapshots_written: AtomicU64::new(0),
-            snapshots_rejected: AtomicU64::new(0),
-            snapshots_uncovered: AtomicU64::new(0),
-            write_errors: AtomicU64::new(0),
-            rebuilds: AtomicU64::new(0),
-            hydrations: AtomicU64::new(0),
-            actor_restarts: AtomicU64::new(0),
-            replies_dropped: AtomicU64::new(0),
-            active_entities: AtomicI64::new(0),
-            connections: AtomicI64::new(0),
-            writer_pending: AtomicI64::new(0),
-            store_up: AtomicI64::new(1),
-            invalid_by_kind: Mutex::new(Map::new()),
+        let stats = Stats {
+            events_received: Counter::default(),
+            events_invalid: Family::default(),
+            events_duplicate: Counter::default(),
+            events_late: Counter::default(),
+            snapshots_written: Counter::default(),
+            snapshots_rejected: Counter::default(),
+            snapshots_uncovered: Counter::default(),
+            write_errors: Counter::default(),
+            rebuilds: Counter::default(),
+            hydrations: Counter::default(),
+            actor_restarts: Counter::default(),
+            replies_dropped: Counter::default(),
+            active_entities: Gauge::default(),
+            connections: Gauge::default(),
+            writer_pending: Gauge::default(),
+            store_up: Gauge::default(),
+            write_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            write_batch: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            registry: Registry::with_prefix(names::PREFIX),
             warn_limiter: Mutex::new(RateLimit {
                 window_start: Instant::now(),
                 in_window: 0,
                 suppressed: 0,
             }),
             started: Instant::now(),
-        }
+        };
+        stats.store_up.set(1);
+        stats
     }
 }
 
 impl Stats {
+    /// The stats, registered for Prometheus.
+    pub fn new() -> Self {
+        let mut stats = Stats::default();
+        let r = &mut stats.registry;
+        use names::*;
+        let counters: [(&str, &str, &Counter); 11] = [
+            (
+                EVENTS_RECEIVED,
+                "Events decoded from the socket.",
+                &stats.events_received,
+            ),
+            (
+                EVENTS_DUPLICATE,
+                "Events dropped as already folded.",
+                &stats.events_duplicate,
+            ),
+            (
+                EVENTS_LATE,
+                "Events below a sequence already folded (settled or folded late).",
+                &stats.events_late,
+            ),
+            (
+                SNAPSHOTS_WRITTEN,
+                "Snapshot rows inserted or updated.",
+                &stats.snapshots_written,
+            ),
+            (
+                SNAPSHOTS_REJECTED,
+                "Snapshots refused (by the store or unstorable).",
+                &stats.snapshots_rejected,
+            ),
+            (
+                SNAPSHOTS_UNCOVERED,
+                "Snapshots the events table contradicted (rebuilt).",
+                &stats.snapshots_uncovered,
+            ),
+            (
+                WRITE_ERRORS,
+                "Failed snapshot batch writes (retried).",
+                &stats.write_errors,
+            ),
+            (
+                REBUILDS,
+                "Entity states rebuilt from the events table.",
+                &stats.rebuilds,
+            ),
+            (
+                HYDRATIONS,
+                "Entity actors started from stored history.",
+                &stats.hydrations,
+            ),
+            (
+                ACTOR_RESTARTS,
+                "Policy actors restarted after a failure.",
+                &stats.actor_restarts,
+            ),
+            (
+                REPLIES_DROPPED,
+                "Error replies dropped for producers not reading.",
+                &stats.replies_dropped,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            r.register(name, help, counter.clone());
+        }
+        r.register(
+            EVENTS_INVALID,
+            "Frames refused, by kind.",
+            stats.events_invalid.clone(),
+        );
+        let gauges: [(&str, &str, &Gauge); 4] = [
+            (
+                ACTIVE_ENTITIES,
+                "Policy actors running.",
+                &stats.active_entities,
+            ),
+            (
+                CONNECTIONS,
+                "Producer connections open.",
+                &stats.connections,
+            ),
+            (
+                WRITER_PENDING,
+                "Snapshots waiting for the writer.",
+                &stats.writer_pending,
+            ),
+            (
+                STORE_UP,
+                "1 while the store answers, 0 while it fails.",
+                &stats.store_up,
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            r.register(name, help, gauge.clone());
+        }
+        r.register(
+            WRITE_LATENCY,
+            "Time to commit one snapshot batch.",
+            stats.write_latency.clone(),
+        );
+        r.register(
+            WRITE_BATCH,
+            "Snapshots per committed batch.",
+            stats.write_batch.clone(),
+        );
+        stats
+    }
+
     /// A frame was refused: count it (by kind) and warn, rate limited.
     pub fn invalid_frame(&self, connection: u64, frame: u64, kind: &'static str, reason: &str) {
-        self.events_invalid.fetch_add(1, Relaxed);
-        if let Ok(mut by_kind) = self.invalid_by_kind.lock() {
-            let n = by_kind.get(kind).and_then(Value::as_u64).unwrap_or(0);
-            by_kind.insert(kind.to_string(), json!(n + 1));
-        }
+        self.events_invalid.get_or_create(&KindLabel { kind }).inc();
         if let Some(suppressed) = self.may_warn() {
             tracing::warn!(
                 connection,
@@ -106,6 +247,13 @@ impl Stats {
                 "Frame refused."
             );
         }
+    }
+
+    /// A batch was committed in `took`.
+    pub fn batch_written(&self, rows: u64, size: usize, took: Duration) {
+        self.snapshots_written.inc_by(rows);
+        self.write_latency.observe(took.as_secs_f64());
+        self.write_batch.observe(size as f64);
     }
 
     /// `Some(suppressed since the last one)` when a rate-limited warning may
@@ -126,29 +274,69 @@ impl Stats {
         }
     }
 
+    /// The Prometheus text exposition.
+    pub fn prometheus_text(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+
     /// Everything, for the `stats` command.
     pub fn to_json(&self) -> Value {
-        let c = |a: &AtomicU64| a.load(Relaxed);
-        let g = |a: &AtomicI64| a.load(Relaxed);
+        let mut by_kind = Map::new();
+        let mut invalid = 0;
+        for &kind in INVALID_KINDS {
+            let n = self.events_invalid.get_or_create(&KindLabel { kind }).get();
+            invalid += n;
+            if n > 0 {
+                by_kind.insert(kind.to_string(), json!(n));
+            }
+        }
         json!({
-            names::EVENTS_RECEIVED: c(&self.events_received),
-            names::EVENTS_INVALID: c(&self.events_invalid),
-            names::EVENTS_DUPLICATE: c(&self.events_duplicate),
-            names::EVENTS_LATE: c(&self.events_late),
-            names::SNAPSHOTS_WRITTEN: c(&self.snapshots_written),
-            names::SNAPSHOTS_REJECTED: c(&self.snapshots_rejected),
-            names::SNAPSHOTS_UNCOVERED: c(&self.snapshots_uncovered),
-            names::WRITE_ERRORS: c(&self.write_errors),
-            names::REBUILDS: c(&self.rebuilds),
-            names::HYDRATIONS: c(&self.hydrations),
-            names::ACTOR_RESTARTS: c(&self.actor_restarts),
-            names::REPLIES_DROPPED: c(&self.replies_dropped),
-            "invalid_by_kind": self.invalid_by_kind.lock().map(|m| Value::Object(m.clone())).unwrap_or_default(),
-            "active_entities": g(&self.active_entities),
-            "connections": g(&self.connections),
-            "writer_pending": g(&self.writer_pending),
-            "store_up": g(&self.store_up) == 1,
+            names::EVENTS_RECEIVED: self.events_received.get(),
+            names::EVENTS_INVALID: invalid,
+            names::EVENTS_DUPLICATE: self.events_duplicate.get(),
+            names::EVENTS_LATE: self.events_late.get(),
+            names::SNAPSHOTS_WRITTEN: self.snapshots_written.get(),
+            names::SNAPSHOTS_REJECTED: self.snapshots_rejected.get(),
+            names::SNAPSHOTS_UNCOVERED: self.snapshots_uncovered.get(),
+            names::WRITE_ERRORS: self.write_errors.get(),
+            names::REBUILDS: self.rebuilds.get(),
+            names::HYDRATIONS: self.hydrations.get(),
+            names::ACTOR_RESTARTS: self.actor_restarts.get(),
+            names::REPLIES_DROPPED: self.replies_dropped.get(),
+            "invalid_by_kind": by_kind,
+            names::ACTIVE_ENTITIES: self.active_entities.get(),
+            names::CONNECTIONS: self.connections.get(),
+            names::WRITER_PENDING: self.writer_pending.get(),
+            names::STORE_UP: self.store_up.get() == 1,
             "uptime_secs": self.started.elapsed().as_secs(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_names_every_metric_with_the_prefix() {
+        let stats = Stats::new();
+        stats.events_received.inc_by(3);
+        stats.invalid_frame(1, 2, "oversized", "too long");
+        stats.batch_written(5, 5, Duration::from_millis(3));
+        let text = stats.prometheus_text();
+        for line in [
+            "snapshotd_events_received_total 3",
+            "snapshotd_events_invalid_total{kind=\"oversized\"} 1",
+            "snapshotd_snapshots_written_total 5",
+            "snapshotd_store_up 1",
+            "snapshotd_write_latency_seconds_count 1",
+            "snapshotd_write_batch_size_sum 5.0",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        assert_eq!(stats.to_json()["events_invalid"], 1);
     }
 }

@@ -16,7 +16,6 @@ use crate::store::Store;
 use ractor::ActorRef;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
@@ -65,10 +64,10 @@ pub async fn serve(
                 let shutdown = shutdown.clone();
                 readers.spawn(async move {
                     let _slot = slot;
-                    ctx.stats.connections.fetch_add(1, Relaxed);
+                    ctx.stats.connections.inc();
                     tracing::debug!(connection = id, "Producer connected.");
                     read_connection(id, stream, &ctx, shutdown).await;
-                    ctx.stats.connections.fetch_sub(1, Relaxed);
+                    ctx.stats.connections.dec();
                     tracing::debug!(connection = id, "Producer disconnected.");
                 });
             }
@@ -179,7 +178,7 @@ async fn handle_frame(
     }
     match decode(line, ctx.limits) {
         Ok(Frame::Event(event)) => {
-            ctx.stats.events_received.fetch_add(1, Relaxed);
+            ctx.stats.events_received.inc();
             // Waits while too many events are in flight: backpressure.
             let Ok(permit) = ctx.inflight.clone().acquire_owned().await else {
                 return;
@@ -206,7 +205,7 @@ fn refuse(
     ctx.stats.invalid_frame(id, frame, error.kind(), &reason);
     let line = json!({"ok": false, "frame": frame, "error": reason}).to_string();
     if replies.try_send(line).is_err() {
-        ctx.stats.replies_dropped.fetch_add(1, Relaxed);
+        ctx.stats.replies_dropped.inc();
     }
 }
 

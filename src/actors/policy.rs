@@ -47,7 +47,6 @@ use crate::store::{EventsTableWatch, Store, StoreError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::{Map, Value};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -148,7 +147,7 @@ impl Actor for Policy {
         // so a store outage delays this entity only, and hydration knows the
         // events that woke it.
         let _ = myself;
-        args.stats.active_entities.fetch_add(1, Relaxed);
+        args.stats.active_entities.inc();
         let state = args.config.reducer.initial(&args.key);
         Ok(PolicyState {
             args,
@@ -179,7 +178,7 @@ impl Actor for Policy {
         if let Some((_, timer)) = state.tick.take() {
             timer.abort();
         }
-        state.args.stats.active_entities.fetch_sub(1, Relaxed);
+        state.args.stats.active_entities.dec();
         Ok(())
     }
 
@@ -200,7 +199,7 @@ impl Actor for Policy {
                 }
                 Err(error) => {
                     if error.is_transient() {
-                        state.args.stats.store_up.store(0, Relaxed);
+                        state.args.stats.store_up.set(0);
                     }
                     tracing::error!(entity = %state.args.key, error = %chain(&error), "Loading the entity's history failed; retrying.");
                     state.hydrate_backoff =
@@ -333,7 +332,7 @@ impl PolicyState {
             }
         }
         if had_snapshot || !self.window.is_empty() {
-            self.args.stats.hydrations.fetch_add(1, Relaxed);
+            self.args.stats.hydrations.inc();
         }
         Ok(())
     }
@@ -404,7 +403,7 @@ impl PolicyState {
             self.workflow_id = Some(event.workflow_id.clone());
         }
         if self.window.binary_search(&seq).is_ok() || self.folded.binary_search(&seq).is_ok() {
-            self.args.stats.events_duplicate.fetch_add(1, Relaxed);
+            self.args.stats.events_duplicate.inc();
             return;
         }
         let table = self.config().events_table.known();
@@ -412,7 +411,7 @@ impl PolicyState {
             if table {
                 // The table settles it: a duplicate from before we knew, or
                 // an event the snapshot missed. Once per burst.
-                self.args.stats.events_late.fetch_add(1, Relaxed);
+                self.args.stats.events_late.inc();
                 if !self.check_scheduled {
                     self.check_scheduled = true;
                     let _ = myself.cast(PolicyMsg::CheckBase);
@@ -422,14 +421,14 @@ impl PolicyState {
             if seq <= self.forgotten_upto {
                 // The snapshot we started from covers the feed up to its
                 // sequence: this is a resend of what it folded.
-                self.args.stats.events_duplicate.fetch_add(1, Relaxed);
+                self.args.stats.events_duplicate.inc();
                 return;
             }
-            self.args.stats.events_late.fetch_add(1, Relaxed);
+            self.args.stats.events_late.inc();
             self.dirty = true;
         } else if self.window.last().is_some_and(|&last| last > seq) {
             // Out of sequence order within the window.
-            self.args.stats.events_late.fetch_add(1, Relaxed);
+            self.args.stats.events_late.inc();
             self.dirty = true;
         }
         self.fold(&event);
@@ -527,7 +526,7 @@ impl PolicyState {
             self.fold(event);
         }
         self.dirty = false;
-        self.args.stats.rebuilds.fetch_add(1, Relaxed);
+        self.args.stats.rebuilds.inc();
         Ok(())
     }
 
@@ -545,7 +544,7 @@ impl PolicyState {
         ) {
             Ok(snapshot) => snapshot,
             Err(error) => {
-                self.args.stats.snapshots_rejected.fetch_add(1, Relaxed);
+                self.args.stats.snapshots_rejected.inc();
                 tracing::error!(entity = %self.args.key, error = %error, "The entity's state cannot be stored; no snapshot taken.");
                 return None;
             }
@@ -621,7 +620,7 @@ impl PolicyState {
         self.snap_seq = events.last().map_or(upto, |e| e.sequence.max(upto));
         self.dirty = false;
         self.first_pending_at = None;
-        self.args.stats.rebuilds.fetch_add(1, Relaxed);
+        self.args.stats.rebuilds.inc();
         Ok(())
     }
 

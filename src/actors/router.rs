@@ -12,7 +12,6 @@ use crate::store::Store;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Messages to the router.
@@ -212,9 +211,9 @@ impl Actor for Router {
             }
             SupervisionEvent::ActorFailed(cell, error) => {
                 if let Some(key) = state.keys_by_actor.remove(&cell.get_id()) {
-                    state.args.stats.actor_restarts.fetch_add(1, Relaxed);
+                    state.args.stats.actor_restarts.inc();
                     // post_stop does not run after a panic.
-                    state.args.stats.active_entities.fetch_sub(1, Relaxed);
+                    state.args.stats.active_entities.dec();
                     tracing::error!(entity = %key, error = %error, "Policy actor failed; restarting it from the store.");
                     state.ended(&myself, key.clone(), cell.get_id()).await;
                     if state.draining.is_none() && !state.entities.contains_key(&key) {

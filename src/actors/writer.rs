@@ -12,7 +12,6 @@ use crate::store::{EventsTableWatch, Store};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -169,7 +168,7 @@ impl WriterState {
         self.args
             .stats
             .writer_pending
-            .store(self.pending.len() as i64, Relaxed);
+            .set(self.pending.len() as i64);
     }
 
     /// Commit one batch (oldest first); then decide what comes next.
@@ -185,6 +184,7 @@ impl WriterState {
         let snapshots: Vec<&PreparedSnapshot> = batch.iter().map(|p| &*p.snapshot).collect();
         let store = &self.args.store;
         let covered = self.args.events_table.check().await;
+        let started = std::time::Instant::now();
         let result = store.save_prepared(&snapshots, covered).await;
         tracing::debug!(batch = snapshots.len(), versions = ?snapshots.iter().map(|s| s.version).collect::<Vec<_>>(), ok = result.is_ok(), "Batch committed.");
         let stats = &self.args.stats;
@@ -197,14 +197,14 @@ impl WriterState {
                     );
                 }
                 self.backoff = Duration::ZERO;
-                stats.store_up.store(1, Relaxed);
-                stats.snapshots_written.fetch_add(outcome.written, Relaxed);
+                stats.store_up.set(1);
+                stats.batch_written(outcome.written, snapshots.len(), started.elapsed());
                 for rejected in &outcome.rejected {
-                    stats.snapshots_rejected.fetch_add(1, Relaxed);
+                    stats.snapshots_rejected.inc();
                     tracing::error!(entity = %rejected.key, version = rejected.version, error = %rejected.reason, "Snapshot refused by the store; it is not written.");
                 }
                 for uncovered in &outcome.mismatched {
-                    stats.snapshots_uncovered.fetch_add(1, Relaxed);
+                    stats.snapshots_uncovered.inc();
                     tracing::warn!(entity = %uncovered.key, version = uncovered.version, sequence = uncovered.sequence,
                         events_in_table = uncovered.table_count, "Snapshot does not cover exactly the workflow's events; rebuilding it from the events table.");
                     if let Some(router) = &self.router {
@@ -229,8 +229,8 @@ impl WriterState {
                 }
             }
             Err(error) => {
-                stats.write_errors.fetch_add(1, Relaxed);
-                stats.store_up.store(0, Relaxed);
+                stats.write_errors.inc();
+                stats.store_up.set(0);
                 self.backoff =
                     (self.backoff * 2).clamp(Duration::from_millis(100), self.args.retry_max);
                 tracing::error!(error = %chain(&error), pending = self.pending.len(), retry_in_ms = self.backoff.as_millis() as u64,

@@ -366,3 +366,50 @@ fn the_merge_reducer_patches_per_entity_and_the_writer_prunes_old_snapshots() {
     let parsed: Value = serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {first}"));
     assert_eq!(parsed["level"], "INFO", "{parsed}");
 }
+
+#[test]
+fn prometheus_metrics_are_served_on_the_configured_address() {
+    use std::io::{Read, Write};
+    let backend = Backend::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_with_metrics(
+        dir.path(),
+        &backend.url(),
+        "[policy]\nevent_interval = 2\n[log]\nformat = \"json\"\n",
+        "127.0.0.1:0",
+    );
+    let mut frames = vec![
+        event(1, "m", "workflow.created", json!({})),
+        event(2, "m", "workflow.started", json!({})),
+        b"{oops".to_vec(),
+    ];
+    frames.push(br#"{"op":"flush"}"#.to_vec());
+    daemon.converse(&frames);
+    let address = daemon
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["message"] == "Serving metrics at /metrics.")
+        .and_then(|l| l["address"].as_str().map(str::to_string))
+        .expect("the metrics address is logged");
+    let scrape = |path: &str| {
+        let mut http = std::net::TcpStream::connect(&address).unwrap();
+        write!(http, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        http.read_to_string(&mut text).unwrap();
+        text
+    };
+    let text = scrape("/metrics");
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    for line in [
+        "snapshotd_events_received_total 2",
+        "snapshotd_events_invalid_total{kind=\"malformed_json\"} 1",
+        "snapshotd_snapshots_written_total 1",
+        "snapshotd_store_up 1",
+        "snapshotd_active_entities 1",
+        "snapshotd_write_latency_seconds_count 1",
+    ] {
+        assert!(text.contains(line), "{line} missing:\n{text}");
+    }
+    assert!(scrape("/other").starts_with("HTTP/1.1 404"));
+}

@@ -374,6 +374,7 @@ pub fn write_lines(dir: &Path, name: &str, lines: impl IntoIterator<Item = Strin
 pub struct Daemon {
     child: Option<std::process::Child>,
     database_url: String,
+    metrics: String,
     pub socket: PathBuf,
     pub config: PathBuf,
     pub stderr_log: PathBuf,
@@ -384,6 +385,16 @@ impl Daemon {
     /// `extra_toml`; socket and database come from the environment. Waits
     /// until the socket answers.
     pub fn start(dir: &Path, database_url: &str, extra_toml: &str) -> Daemon {
+        Self::start_with_metrics(dir, database_url, extra_toml, "")
+    }
+
+    /// [`Daemon::start`] with `metrics.address` set (empty turns it off).
+    pub fn start_with_metrics(
+        dir: &Path,
+        database_url: &str,
+        extra_toml: &str,
+        metrics: &str,
+    ) -> Daemon {
         let socket = dir.join("snapshotd.sock");
         let config = dir.join("snapshotd.toml");
         let stderr_log = dir.join(format!("{}.log", unique_name("daemon")));
@@ -391,6 +402,7 @@ impl Daemon {
         let mut daemon = Daemon {
             child: None,
             database_url: database_url.to_string(),
+            metrics: metrics.to_string(),
             socket,
             config,
             stderr_log,
@@ -408,7 +420,7 @@ impl Daemon {
             // The environment layer, as an operator would use it.
             .env("SNAPSHOTD_SOCKET__PATH", &self.socket)
             .env("SNAPSHOTD_DATABASE__URL", &self.database_url)
-            .env("SNAPSHOTD_METRICS__ADDRESS", "")
+            .env("SNAPSHOTD_METRICS__ADDRESS", &self.metrics)
             .env("RUST_LOG", "snapshotd=info")
             .stderr(log)
             .spawn()
