@@ -96,7 +96,7 @@ pub struct BatchOutcome {
     /// Rows refused, each naming its entity.
     pub rejected: Vec<Rejected>,
     /// Rows not written because the events table disagrees with their
-    /// version (see [`Store::save_batch_covered`]).
+    /// version (see [`Store::save_prepared`]).
     pub mismatched: Vec<Uncovered>,
 }
 
