@@ -115,7 +115,7 @@ async fn read_connection(
             }
             break;
         }
-        let (used, end_of_line) = match memchr(b'\n', available) {
+        let (used, end_of_line) = match memchr::memchr(b'\n', available) {
             Some(at) => (at + 1, Some(at)),
             None => (available.len(), None),
         };
@@ -159,10 +159,6 @@ async fn read_connection(
     {
         reply_task.abort();
     }
-}
-
-fn memchr(needle: u8, haystack: &[u8]) -> Option<usize> {
-    haystack.iter().position(|&b| b == needle)
 }
 
 async fn handle_frame(
