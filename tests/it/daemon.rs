@@ -197,10 +197,22 @@ fn the_socket_gets_its_mode_and_a_stale_file_is_replaced() {
     let stale = std::os::unix::net::UnixListener::bind(dir.path().join("snapshotd.sock")).unwrap();
     drop(stale);
     assert!(dir.path().join("snapshotd.sock").exists());
-    let daemon = Daemon::start(dir.path(), &backend.url(), "[socket]\nmode = \"0600\"\n");
+    // The group by name, resolved through /etc/group: our own primary group.
+    let id = |flag: &str| {
+        let out = std::process::Command::new("id").arg(flag).output().unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let (group, gid) = (id("-gn"), id("-g"));
+    let daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        &format!("[socket]\nmode = \"0600\"\ngroup = \"{group}\"\n"),
+    );
     let meta = std::fs::metadata(&daemon.socket).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(meta.gid().to_string(), gid);
     assert_eq!(daemon.command(json!({"op": "ping"}))["ok"], true);
     // A second daemon on the same socket refuses to start and says why.
     let second = std::process::Command::new(env!("CARGO_BIN_EXE_snapshotd"))
