@@ -228,6 +228,21 @@ fn the_socket_gets_its_mode_and_a_stale_file_is_replaced() {
         "{}",
         String::from_utf8_lossy(&second.stderr)
     );
+    // An unknown group stops start-up and names it.
+    let other = tempfile::tempdir().unwrap();
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_snapshotd"))
+        .args(["run"])
+        .env("SNAPSHOTD_SOCKET__PATH", other.path().join("s.sock"))
+        .env("SNAPSHOTD_SOCKET__GROUP", "no-such-group-here")
+        .env("SNAPSHOTD_DATABASE__URL", backend.url())
+        .env("SNAPSHOTD_METRICS__ADDRESS", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && stderr.contains("group `no-such-group-here`: no such group"),
+        "{stderr}"
+    );
 }
 
 #[test]
