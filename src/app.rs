@@ -21,9 +21,6 @@ use tokio::net::UnixListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
-/// Events read from sockets but not yet handled by their policy actor.
-const MAX_INFLIGHT_EVENTS: usize = 65_536;
-
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -143,7 +140,7 @@ impl App {
             router: router.clone(),
             store: store.clone(),
             stats: stats.clone(),
-            inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_EVENTS)),
+            inflight: Arc::new(Semaphore::new(settings.socket.max_inflight_events)),
             max_frame_bytes: settings.socket.max_frame_bytes,
             limits: Limits {
                 max_depth: settings.socket.max_depth,

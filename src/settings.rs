@@ -33,6 +33,7 @@ pub struct SocketSettings {
     pub max_frame_bytes: usize,
     pub max_depth: usize,
     pub max_connections: usize,
+    pub max_inflight_events: usize,
 }
 
 impl SocketSettings {
@@ -204,6 +205,7 @@ impl Settings {
             max_frame_bytes: c.positive("socket.max_frame_bytes"),
             max_depth: c.positive("socket.max_depth"),
             max_connections: c.positive("socket.max_connections"),
+            max_inflight_events: c.positive("socket.max_inflight_events"),
         };
         if socket.path.as_os_str().is_empty() {
             c.problem("socket.path", "must not be empty".into());
