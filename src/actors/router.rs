@@ -217,8 +217,12 @@ impl Actor for Router {
                     tracing::error!(entity = %key, error = %error, "Policy actor failed; restarting it from the store.");
                     state.ended(&myself, key.clone(), cell.get_id()).await;
                     if state.draining.is_none() && !state.entities.contains_key(&key) {
-                        // Hydration recovers what the table holds.
-                        state.spawn(&myself, key).await;
+                        // Wake it at once: hydration recovers what the
+                        // table holds, including events that died with the
+                        // failed actor's mailbox.
+                        if let Some(actor) = state.spawn(&myself, key).await {
+                            let _ = actor.cast(PolicyMsg::Tick);
+                        }
                     }
                 }
             }
