@@ -6,7 +6,7 @@
 use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The documented defaults; also the list of every known key.
@@ -301,13 +301,6 @@ impl Settings {
         shown.database.url = crate::store::redact(&shown.database.url);
         toml::to_string(&shown).expect("settings serialise to TOML")
     }
-
-    /// Where the SQLite database file lives, when that is the backend.
-    pub fn sqlite_path(&self) -> Option<&Path> {
-        let rest = self.database.url.strip_prefix("sqlite:")?;
-        let rest = rest.strip_prefix("//").unwrap_or(rest);
-        Some(Path::new(rest.split('?').next().unwrap_or(rest)))
-    }
 }
 
 /// Reads keys one by one, collecting every problem instead of stopping.
@@ -411,7 +404,6 @@ mod tests {
         assert_eq!(s.reducer.kind, ReducerKind::Stabilize);
         assert_eq!(s.metrics.address, "127.0.0.1:9187");
         assert_eq!(s.log.format, LogFormat::Plain);
-        assert_eq!(s.sqlite_path(), Some(Path::new("./data/snapshots.db")));
     }
 
     #[test]

@@ -258,7 +258,7 @@ impl Stats {
 
     /// `Some(suppressed since the last one)` when a rate-limited warning may
     /// be logged now.
-    pub fn may_warn(&self) -> Option<u64> {
+    fn may_warn(&self) -> Option<u64> {
         let mut limit = self.warn_limiter.lock().ok()?;
         let now = Instant::now();
         if now.duration_since(limit.window_start) >= Duration::from_secs(1) {
