@@ -197,14 +197,17 @@ fn truncated(text: &str) -> String {
     }
 }
 
-/// Python's `repr(float)`: shortest round-trip digits, exponent form below
-/// 1e-4 and from 1e16 on, otherwise plain with at least one fractional digit.
+/// Python's `repr(float)`, bit for bit for every finite double: the
+/// shortest digits that read back as `value`, in exponent form below 1e-4
+/// and from 1e16 on, otherwise plain with at least one fractional digit.
+///
+/// The digits are [`shortest_digits`]; this function only lays them out
+/// as CPython's `float_repr_style = 'short'` does (exponent form when the
+/// decimal point would sit more than 4 places left of the first digit or
+/// more than 16 right of it, exponent with a sign and at least 2 digits).
 pub fn python_float_repr(value: f64) -> String {
-    // Rust's `{:e}` gives the shortest round-trip digits: "1.2345e16", "1e-7", "0e0".
-    let sci = format!("{:e}", value.abs());
-    let (mantissa, exp) = sci.split_once('e').expect("`{:e}` always has an exponent");
-    let exp: i32 = exp.parse().expect("`{:e}` exponent is an integer");
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let (digits, exp) = shortest_digits(value.abs());
+    let digits = digits.as_str();
     let mut out = String::with_capacity(digits.len() + 8);
     if value.is_sign_negative() {
         out.push('-');
@@ -214,9 +217,9 @@ pub fn python_float_repr(value: f64) -> String {
         if point <= 0 {
             out.push_str("0.");
             out.extend(std::iter::repeat_n('0', (-point) as usize));
-            out.push_str(&digits);
+            out.push_str(digits);
         } else if point as usize >= digits.len() {
-            out.push_str(&digits);
+            out.push_str(digits);
             out.extend(std::iter::repeat_n('0', point as usize - digits.len()));
             out.push_str(".0");
         } else {
@@ -233,6 +236,122 @@ pub fn python_float_repr(value: f64) -> String {
         let _ = write!(out, "e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
     }
     out
+}
+
+/// The significant digits CPython's `repr` prints for a finite `value >= 0`,
+/// and the decimal exponent of the first one (`0.0` is `("0", 0)`).
+///
+/// CPython's `repr` is David Gay's `dtoa` in mode 0: of all digit strings
+/// that read back as `value`, the shortest; among the shortest, the one
+/// nearest `value`; of two equally near, the one whose last digit is even
+/// (round-half-even). Rust's `{:e}` gives the shortest nearest digits too
+/// (Grisu with an exact Dragon fallback), but settles an exact tie upwards:
+/// it prints `9.026419927897813e11` for 902641992789.78125, which lies
+/// exactly halfway between …7812 and …7813, where CPython prints …7812.
+///
+/// So the two can differ only when `value` is exactly the midpoint between
+/// Rust's digits `d` (of length n) and a neighbour `d ± 1` in the last
+/// place, and that neighbour also reads back as `value`. The length is the
+/// same for both (it is a property of `value`, not of the algorithm), so the
+/// correction is: when the last digit of `d` is odd, and the midpoint
+/// `d ∓ ½` (n + 1 digits, ending in 5) is exactly `value`, and the neighbour
+/// reads back as `value`, take the neighbour, whose last digit is even.
+/// Exactness is decided in integers ([`decimal_equals_double`]), not by
+/// parsing, which would only tell the nearest double. A neighbour `d + 1`
+/// that carries (last digit 9) ends in 0 and so would be shorter than the
+/// shortest: it never reads back, and is skipped; `d - 1` of a lone digit 1
+/// is zero and is skipped likewise.
+///
+/// Checked against CPython on every run of the tests (`tests/it/float_repr.rs`:
+/// random bit patterns, random decimals of 1 to 17 digits, built ties and
+/// every boundary) and on 10^8 doubles in an ignored run.
+pub fn shortest_digits(value: f64) -> (String, i32) {
+    // "1.2345e16", "1e-7", "0e0": shortest round-trip digits, ties upwards.
+    let sci = format!("{value:e}");
+    let (mantissa, exp) = sci.split_once('e').expect("`{:e}` always has an exponent");
+    let exp: i32 = exp.parse().expect("`{:e}` exponent is an integer");
+    let mut digits: Vec<u8> = mantissa.bytes().filter(|b| *b != b'.').collect();
+    let n = digits.len();
+    let last = digits[n - 1] - b'0';
+    // 17 digits at most, so d * 10 + 5 fits a u64 with room to spare.
+    if last % 2 == 1 && n <= 17 {
+        let d: u64 = digits
+            .iter()
+            .fold(0, |acc, b| acc * 10 + u64::from(b - b'0'));
+        // The midpoint's last digit sits at 10^(exp - n).
+        let scale = exp - n as i32;
+        for (neighbour, midpoint) in [(d - 1, d * 10 - 5), (d + 1, d * 10 + 5)] {
+            let same_length = neighbour % 10 != 0 && neighbour != 0;
+            if same_length
+                && decimal_equals_double(midpoint, scale, value)
+                && reads_back_as(neighbour, scale + 1, value)
+            {
+                let text = neighbour.to_string();
+                debug_assert_eq!(text.len(), n);
+                digits = text.into_bytes();
+                break;
+            }
+        }
+    }
+    let digits = String::from_utf8(digits).expect("ASCII digits");
+    (digits, exp)
+}
+
+/// Whether the decimal `m * 10^k` reads back (nearest, ties to even) as `value`.
+fn reads_back_as(m: u64, k: i32, value: f64) -> bool {
+    format!("{m}e{k}").parse::<f64>() == Ok(value)
+}
+
+/// Whether the decimal `m * 10^k` (with `m < 10^18`) is exactly the
+/// finite double `value`, decided in integers.
+///
+/// `value = f * 2^e` with `f` odd (or zero). With `k >= 0` the decimal is
+/// the integer `m * 5^k * 2^k`; with `k < 0` it is `m / 5^-k / 2^-k`, a
+/// binary fraction only if `5^-k` divides `m`. Either way it is
+/// `odd * 2^t` after taking out the twos, and equal to `value` exactly
+/// when the odd parts and the powers of two match.
+fn decimal_equals_double(m: u64, k: i32, value: f64) -> bool {
+    if m == 0 || value == 0.0 {
+        return m == 0 && value == 0.0;
+    }
+    // value = f * 2^e, f odd.
+    let bits = value.to_bits();
+    let exponent_bits = ((bits >> 52) & 0x7ff) as i32;
+    let fraction = bits & ((1 << 52) - 1);
+    let (mut f, mut e) = if exponent_bits == 0 {
+        (fraction, -1074)
+    } else {
+        (fraction | (1 << 52), exponent_bits - 1075)
+    };
+    let tz = f.trailing_zeros();
+    f >>= tz;
+    e += tz as i32;
+
+    // decimal = g * 2^t, g odd, in u128 (a g above 2^53 can never match).
+    let (mut g, mut t): (u128, i32) = if k >= 0 {
+        let Some(five_k) = 5u128.checked_pow(k as u32) else {
+            return false;
+        };
+        let Some(g) = u128::from(m).checked_mul(five_k) else {
+            return false;
+        };
+        (g, k)
+    } else {
+        // 5^28 > 10^18 > m: no larger power of five divides m.
+        let j = k.unsigned_abs();
+        if j > 27 {
+            return false;
+        }
+        let five_j = 5u128.pow(j);
+        if u128::from(m) % five_j != 0 {
+            return false;
+        }
+        (u128::from(m) / five_j, k)
+    };
+    let tz = g.trailing_zeros();
+    g >>= tz;
+    t += tz as i32;
+    g == u128::from(f) && t == e
 }
 
 /// [`normalize_value_as`] in the JSONB form.
@@ -414,6 +533,65 @@ mod tests {
             ("0.0", "0.0"),
         ] {
             assert_eq!(python_number(text).unwrap(), expected, "{text}");
+        }
+    }
+
+    // The literals are the doubles' exact values, written out on purpose:
+    // each lies halfway between two shortest forms.
+    #[test]
+    #[allow(clippy::excessive_precision)]
+    fn a_tie_between_two_shortest_forms_keeps_the_even_digit() {
+        for (value, expected) in [
+            (902_641_992_789.781_25, "902641992789.7812"),
+            (2_871_642_526.769_531_25, "2871642526.7695312"),
+            (22_314_070_637.039_062_5, "22314070637.039062"),
+            (580_296_851_639.531_25, "580296851639.5312"),
+            (2_195_540_085_417.781_25, "2195540085417.7812"),
+            (1_758_851_603_822_326.25, "1758851603822326.2"),
+        ] {
+            assert_eq!(python_float_repr(value), expected);
+            assert_eq!(python_float_repr(-value), format!("-{expected}"));
+        }
+    }
+
+    #[test]
+    #[allow(clippy::excessive_precision)]
+    fn exactness_of_a_decimal_is_decided_in_integers() {
+        // 902641992789.78125 is a double exactly; 902641992789.7812 is not.
+        assert!(decimal_equals_double(
+            90_264_199_278_978_125,
+            -5,
+            902_641_992_789.781_25
+        ));
+        assert!(!decimal_equals_double(
+            9_026_419_927_897_812,
+            -4,
+            902_641_992_789.781_25
+        ));
+        assert!(decimal_equals_double(15, -1, 1.5));
+        assert!(decimal_equals_double(3, 2, 300.0));
+        assert!(!decimal_equals_double(1, -1, 0.1));
+        assert!(decimal_equals_double(1, 22, 1e22));
+        assert!(!decimal_equals_double(1, 23, 1e23));
+        assert!(!decimal_equals_double(5, -324, 5e-324));
+        assert!(decimal_equals_double(0, 0, 0.0));
+    }
+
+    #[test]
+    fn boundaries_and_extremes_render_as_python_does() {
+        for (value, expected) in [
+            (5e-324, "5e-324"),
+            (-0.0, "-0.0"),
+            (f64::MAX, "1.7976931348623157e+308"),
+            (f64::MIN_POSITIVE, "2.2250738585072014e-308"),
+            (1e16, "1e+16"),
+            (9_999_999_999_999_998.0, "9999999999999998.0"),
+            (1e-4, "0.0001"),
+            (9.999_999_999_999_999e-5, "9.999999999999999e-05"),
+            (1e22, "1e+22"),
+            (1e23, "1e+23"),
+        ] {
+            assert_eq!(python_float_repr(value), expected);
         }
     }
 

@@ -19,9 +19,12 @@ pub struct Event {
     pub entity_type: EntityType,
     pub entity_id: Arc<str>,
     pub workflow_id: Arc<str>,
-    /// The payload, numbers already in their JSONB text.
+    /// The payload, numbers already in the store's form ([`Event::numbers`]).
     pub data: Map<String, Value>,
     pub schema_version: i64,
+    /// The form `data`'s numbers are in, so a reducer that computes a new
+    /// number (stabilize's `retry_count + 1`) writes it in the same form.
+    pub numbers: NumberForm,
 }
 
 /// A command a producer sends (a frame with an `"op"` key).
@@ -242,6 +245,7 @@ fn decode_event(env: &Envelope, numbers: NumberForm) -> Result<Event, DecodeErro
         workflow_id: Arc::from(workflow_id),
         data,
         schema_version,
+        numbers,
     })
 }
 

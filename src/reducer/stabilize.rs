@@ -7,7 +7,7 @@
 //! uses `data.get(k, default)`, a key present with `null` gives `null`.
 
 use crate::model::EntityType;
-use crate::model::canonical::{normalize_number, python_float_repr};
+use crate::model::canonical::{NumberForm, normalize_number_as, python_float_repr};
 use crate::model::event::{Event, render_timestamp};
 use serde_json::{Map, Number, Value};
 
@@ -166,7 +166,9 @@ fn apply_child(state: &mut Map<String, Value>, table: &str, event: &Event) {
                 Some(given) => Some(given.clone()),
                 None => match child.get("retry_count") {
                     None => Some(Value::Number(Number::from(1))),
-                    Some(Value::Number(n)) => plus_one(n.as_str()).map(Value::Number),
+                    Some(Value::Number(n)) => {
+                        plus_one(n.as_str(), event.numbers).map(Value::Number)
+                    }
                     // Python raises TypeError here; the count is left as it was.
                     Some(_) => None,
                 },
@@ -180,11 +182,12 @@ fn apply_child(state: &mut Map<String, Value>, table: &str, event: &Event) {
 }
 
 /// `n + 1` as Python computes it (exact for ints, float for floats), in
-/// JSONB text.
-fn plus_one(literal: &str) -> Option<Number> {
+/// the form the state's numbers are kept in: on SQLite a float of 1e16 or
+/// more stays a float (`1e+16`), where JSONB would make it an integer.
+fn plus_one(literal: &str, form: NumberForm) -> Option<Number> {
     let text = if literal.contains(['.', 'e', 'E']) {
         let value: f64 = literal.parse().ok()?;
-        normalize_number(&python_float_repr(value + 1.0)).ok()?
+        normalize_number_as(&python_float_repr(value + 1.0), form).ok()?
     } else {
         increment_decimal(literal)?
     };
@@ -233,6 +236,7 @@ mod tests {
             workflow_id: Arc::from("wf"),
             data,
             schema_version: 1,
+            numbers: NumberForm::Jsonb,
         }
     }
 
@@ -340,7 +344,25 @@ mod tests {
             increment_decimal("99999999999999999999999999999999999999999").unwrap(),
             "100000000000000000000000000000000000000000"
         );
-        assert_eq!(plus_one("1.5").unwrap().as_str(), "2.5");
+        assert_eq!(plus_one("1.5", NumberForm::Jsonb).unwrap().as_str(), "2.5");
+    }
+
+    #[test]
+    fn a_float_count_plus_one_keeps_the_stores_number_form() {
+        let jsonb = |s| plus_one(s, NumberForm::Jsonb).unwrap().as_str().to_string();
+        let python = |s| {
+            plus_one(s, NumberForm::Python)
+                .unwrap()
+                .as_str()
+                .to_string()
+        };
+        // Python: 9999999999999998.0 + 1 == 1e16, a float; JSONB keeps its integer text.
+        assert_eq!(jsonb("9999999999999998.0"), "10000000000000000");
+        assert_eq!(python("9999999999999998.0"), "1e+16");
+        assert_eq!(python("1.2345678901234568e+16"), "1.2345678901234568e+16");
+        // The sum is a tie: CPython keeps the even last digit.
+        assert_eq!(python("902641992788.78125"), "902641992789.7812");
+        assert_eq!(jsonb("902641992788.78125"), "902641992789.7812");
     }
 
     #[test]

@@ -74,6 +74,7 @@ impl EventRow {
             workflow_id: Arc::from(self.workflow_id),
             data,
             schema_version: self.schema_version.unwrap_or(1),
+            numbers,
         })
     }
 }

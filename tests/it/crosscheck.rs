@@ -5,6 +5,7 @@
 //! up to its sequence.
 
 use crate::helpers::{Backend, Daemon, run_python};
+use snapshotd::model::canonical::shortest_digits;
 use std::path::Path;
 
 /// Small thresholds so every workflow gets several snapshots; keep them all,
@@ -17,6 +18,16 @@ const BATCHED: &str =
     "[policy]\nevent_interval = 5\nkeep_snapshots = 0\ntime_interval_secs = 3600\n";
 
 fn generate(backend: &Backend, dir: &Path, workflows: u32, disorder: bool) -> std::path::PathBuf {
+    generate_with(backend, dir, workflows, disorder, &[])
+}
+
+fn generate_with(
+    backend: &Backend,
+    dir: &Path,
+    workflows: u32,
+    disorder: bool,
+    extra: &[&str],
+) -> std::path::PathBuf {
     let out = dir.join(if disorder {
         "disorder.ndjson"
     } else {
@@ -34,6 +45,7 @@ fn generate(backend: &Backend, dir: &Path, workflows: u32, disorder: bool) -> st
     if disorder {
         args.push("--disorder".into());
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     run_python(
         "gen_workflows.py",
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
@@ -98,6 +110,52 @@ async fn every_snapshot_equals_stabilizes_replay_on_sqlite() {
 #[tokio::test]
 async fn every_snapshot_equals_stabilizes_replay_on_sqlite_under_duplicates_and_disorder() {
     cross_check(Backend::sqlite(), true).await;
+}
+
+/// Payloads full of floats whose shortest repr is a tie (CPython keeps the
+/// even last digit), also as `retry_count`s a later retry adds one to.
+async fn tie_floats(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let events = generate_with(&backend, dir.path(), 150, false, &["--tie-floats"]);
+    let text = std::fs::read_to_string(&events).unwrap();
+    let corrected = text
+        .lines()
+        .map(|line| count_corrected_ties(&serde_json::from_str(line).unwrap()))
+        .sum::<usize>();
+    assert!(
+        corrected >= 100,
+        "only {corrected} floats whose tie Rust's own digits get wrong"
+    );
+    let daemon = Daemon::start(dir.path(), &backend.url(), POLICY);
+    stream(&daemon, &events);
+    let summary = verify(&backend, 500);
+    assert!(summary["rows"].as_u64().unwrap() >= 500, "{summary}");
+}
+
+/// Floats in `value` whose CPython digits differ from Rust's own `{:e}`.
+fn count_corrected_ties(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if n.as_str().contains('.') => {
+            let x: f64 = n.as_str().parse().unwrap();
+            let rust = format!("{:e}", x.abs());
+            let rust_digits = rust.split('e').next().unwrap().replace('.', "");
+            usize::from(shortest_digits(x.abs()).0 != rust_digits)
+        }
+        Value::Array(items) => items.iter().map(count_corrected_ties).sum(),
+        Value::Object(map) => map.values().map(count_corrected_ties).sum(),
+        _ => 0,
+    }
+}
+
+#[tokio::test]
+async fn floats_whose_repr_is_a_tie_give_exact_snapshots_on_postgres() {
+    tie_floats(Backend::postgres().await).await;
+}
+
+#[tokio::test]
+async fn floats_whose_repr_is_a_tie_give_exact_snapshots_on_sqlite() {
+    tie_floats(Backend::sqlite()).await;
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ mod canonical;
 mod cli;
 mod crosscheck;
 mod daemon;
+mod float_repr;
 mod stabilize_store;
 mod store;
 mod systemd;

@@ -52,6 +52,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import float_repr  # tests/python/float_repr.py: the exact tie test
+
 try:
     from stabilize.events import (
         EntityType,
@@ -93,8 +95,10 @@ AWKWARD_KEYS = ["", " ", "a", "A", "aa", "a ", "_", "1", "10", "é", "😀", "\u
 class Gen:
     """Seeded generator of ids, timestamps and awkward JSON payloads."""
 
-    def __init__(self, seed: int, backend: str, portable_numbers: bool, id_salt: int = 0) -> None:
+    def __init__(self, seed: int, backend: str, portable_numbers: bool, id_salt: int = 0,
+                 tie_floats: bool = False) -> None:
         self.rng = random.Random(seed)
+        self.tie_floats = tie_floats
         # Ids come from their own stream, salted with the store's current
         # sequence: a fresh database gives the same ids for the same seed, a
         # reused one never hands out an existing workflow's id again.
@@ -119,10 +123,35 @@ class Gen:
         if r < 0.3:
             return self.rng.choice(AWKWARD_INTS)
         if r < 0.6:
+            if self.tie_floats and self.rng.random() < 0.5:
+                return self.tie_float()
             return self.rng.choice(self.floats)
         if r < 0.9:
             return self.rng.choice(AWKWARD_STRINGS)
         return self.rng.choice([True, False, None])
+
+    def tie_float(self) -> float:
+        """A fresh float whose shortest repr is a tie (k + m/2^n, exactly
+        halfway between two shortest candidates), where CPython keeps the
+        even last digit."""
+        while True:
+            p = self.rng.randint(0, 15)
+            k = self.rng.randint(10**p, 10 ** (p + 1) - 1)
+            room = 52 - k.bit_length()
+            if room < 1:
+                continue
+            n = self.rng.randint(1, min(room, 30))
+            x = k + self.rng.randrange(1, 2**n, 2) / 2**n
+            if float_repr.is_tie(x, repr(x)):
+                return x if self.rng.random() < 0.5 else -x
+
+    def retry_count(self) -> Any:
+        """A `retry_count` for task.retried; with tie floats also floats a
+        later `+ 1` must print as Python does (ties, and past 1e16)."""
+        choices: list[Any] = [0, 3, -1, 2.5, 2**63 - 1]
+        if self.tie_floats:
+            choices += [self.tie_float(), 9999999999999998.0, 1.2345678901234567e16]
+        return self.rng.choice(choices)
 
     def value(self, depth: int = 0) -> Any:
         r = self.rng.random()
@@ -212,7 +241,7 @@ def workflow_script(g: Gen, wf_id: str, start: datetime) -> list[Spec]:
             t("task.started", {"name": tname, "implementing_class": "x.Y", "start_time": 5, "stage_id": st_id})
             for _ in range(rng.choice([0, 0, 0, 1, 2])):
                 if rng.random() < 0.4:
-                    t("task.retried", {"name": tname, "retry_count": rng.choice([0, 3, -1, 2.5, 2**63 - 1])})
+                    t("task.retried", {"name": tname, "retry_count": g.retry_count()})
                 else:
                     t("task.retried", {"name": tname, "attempt": 2, "last_error": g.scalar()})
             if rng.random() < 0.2:
@@ -378,7 +407,7 @@ def generate(args: argparse.Namespace) -> tuple[list[list[dict[str, Any]]], int]
     app = Appender(args)
     ok = False
     try:
-        g = Gen(args.seed, args.backend, args.portable_numbers, app.current_sequence())
+        g = Gen(args.seed, args.backend, args.portable_numbers, app.current_sequence(), args.tie_floats)
         rng = g.rng
         clock = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=rng.randint(0, 300 * 86400),
                                                              microseconds=rng.randint(0, 999999))
@@ -487,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="workflows interleaved at a time (default 12)")
     p.add_argument("--portable-numbers", action="store_true",
                    help="omit floats whose value Postgres JSONB changes (-0.0, floats >= 1e16)")
+    p.add_argument("--tie-floats", action="store_true",
+                   help="also fill payloads with floats whose shortest repr is a tie (round-half-even)")
     args = p.parse_args(argv)
     if args.backend == "postgres" and not args.dsn:
         p.error("--backend postgres needs --dsn")
