@@ -81,10 +81,12 @@ async fn cross_check(backend: Backend, disorder: bool) {
     let events = generate(&backend, dir.path(), 300, disorder);
     let daemon = Daemon::start(dir.path(), &backend.url(), POLICY);
     stream(&daemon, &events);
-    // 300 workflows of 9-49 events at 5 events a snapshot: well over 1000
-    // rows in order; under disorder late events fold into fewer, larger
-    // windows, still several per workflow.
-    let min_rows = if disorder { 400 } else { 1000 };
+    // 300 workflows of 9-49 events at 5 events a snapshot: at least one row
+    // each. How many more depends on timing, not on correctness: an actor
+    // hydrating from the events table folds every event already waiting for
+    // it at once (in-order runs here have given from 535 to 1292 rows), and
+    // under disorder late events fold into fewer, larger windows.
+    let min_rows = 300;
     let summary = verify(&backend, min_rows);
     assert!(
         summary["rows"].as_u64().unwrap() >= min_rows as u64,
@@ -128,8 +130,9 @@ async fn tie_floats(backend: Backend) {
     );
     let daemon = Daemon::start(dir.path(), &backend.url(), POLICY);
     stream(&daemon, &events);
-    let summary = verify(&backend, 500);
-    assert!(summary["rows"].as_u64().unwrap() >= 500, "{summary}");
+    // At least one row per workflow (see `cross_check` on how many more).
+    let summary = verify(&backend, 150);
+    assert!(summary["rows"].as_u64().unwrap() >= 150, "{summary}");
 }
 
 /// Floats in `value` whose CPython digits differ from Rust's own `{:e}`.
