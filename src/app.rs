@@ -123,6 +123,7 @@ impl App {
                 writer: writer.clone(),
                 writer_permits: Arc::new(Semaphore::new(settings.writer.max_pending)),
                 stats: stats.clone(),
+                max_active: settings.policy.max_active_entities,
             },
         )
         .await
@@ -138,6 +139,7 @@ impl App {
         let (stop_ingest, stop_rx) = watch::channel(false);
         let ctx = IngestContext {
             router: router.clone(),
+            writer: writer.clone(),
             store: store.clone(),
             stats: stats.clone(),
             inflight: Arc::new(Semaphore::new(settings.socket.max_inflight_events)),
@@ -147,6 +149,8 @@ impl App {
                 numbers: store.number_form(),
             },
             max_connections: settings.socket.max_connections,
+            reply_buffer_bytes: settings.socket.reply_buffer_bytes,
+            reply_timeout: settings.socket.reply_timeout(),
         };
         let metrics_address = if settings.metrics.address.is_empty() {
             None
@@ -198,7 +202,8 @@ impl App {
 
     /// Stop in order: accepting, the socket file, readers, policy actors
     /// (snapshotting new events), the writer (committing), the pool.
-    /// Returns the number of snapshots that could not be committed in time.
+    /// Returns the number of entities left behind: actors that did not hand
+    /// over their final snapshot in time, plus snapshots not committed.
     pub async fn shutdown(self) -> usize {
         let deadline = Instant::now() + Duration::from_secs(self.settings.shutdown.grace_secs);
         let left = || deadline.saturating_duration_since(Instant::now());
@@ -207,6 +212,7 @@ impl App {
         if !self.activated {
             let _ = std::fs::remove_file(&self.socket_path);
         }
+        // Readers stop at the signal whatever their peers do.
         if tokio::time::timeout(left(), self.ingest).await.is_err() {
             tracing::warn!("Readers did not stop in time.");
         }
@@ -215,10 +221,22 @@ impl App {
             .router
             .call(|reply| RouterMsg::Drain { snapshot, reply }, Some(left()))
             .await;
+        let mut stranded = 0;
         if !matches!(drained, Ok(ractor::rpc::CallResult::Success(()))) {
-            tracing::warn!("Policy actors did not all stop in time.");
+            stranded = match self
+                .router
+                .call(RouterMsg::Remaining, Some(Duration::from_secs(1)))
+                .await
+            {
+                Ok(ractor::rpc::CallResult::Success(n)) => n,
+                _ => usize::MAX,
+            };
+            tracing::warn!(
+                entities = stranded,
+                "Policy actors did not all stop in time."
+            );
         }
-        let lost = match self
+        let uncommitted = match self
             .writer
             .call(
                 |reply| WriterMsg::Drain(deadline, reply),
@@ -229,6 +247,7 @@ impl App {
             Ok(ractor::rpc::CallResult::Success(lost)) => lost,
             _ => usize::MAX,
         };
+        let lost = stranded.saturating_add(uncommitted);
         self.router.stop(None);
         self.writer.stop(None);
         self.store.close().await;
@@ -249,10 +268,19 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             tracing::info!("Stopped cleanly.");
             Ok(())
         }
-        usize::MAX => Err("shutdown did not finish within the grace period".into()),
-        lost => Err(format!(
-            "{lost} snapshots could not be committed before the grace period ended"
-        )),
+        usize::MAX => Err(
+            "shutdown did not finish within the grace period; entities may be left without their final snapshot"
+                .into(),
+        ),
+        lost => {
+            tracing::error!(
+                entities = lost,
+                "Entities left without their final snapshot."
+            );
+            Err(format!(
+                "{lost} entities were left without their final snapshot when the grace period ended"
+            ))
+        }
     }
 }
 

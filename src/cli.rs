@@ -94,9 +94,23 @@ pub async fn verify(settings: &Settings) -> Result<(), CommandError> {
     Ok(())
 }
 
+/// What `send` read back from the daemon.
+#[derive(Debug, Default)]
+struct ReplyTally {
+    replies: u64,
+    rejected: u64,
+    /// Why reading stopped before the daemon closed the connection.
+    broken: Option<String>,
+}
+
 /// `snapshotd send`: stream NDJSON from a file or stdin to the socket,
 /// print every error reply, optionally wait for a flush; fails when any
 /// frame was rejected.
+///
+/// Replies are read while sending and until the daemon closes the
+/// connection. The daemon drops no reply (it stops reading a producer that
+/// does not read instead), so the counts printed are exact unless the
+/// connection broke, which the summary then says.
 pub async fn send(
     socket: &std::path::Path,
     input: Option<&std::path::Path>,
@@ -114,9 +128,18 @@ pub async fn send(
     let (flushed_tx, flushed_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
     let replies = tokio::spawn(async move {
         let mut lines = BufReader::new(read_half).lines();
-        let mut rejected = 0u64;
+        let mut tally = ReplyTally::default();
         let mut flushed = Some(flushed_tx);
-        while let Ok(Some(line)) = lines.next_line().await {
+        loop {
+            let line = match lines.next_line().await {
+                Ok(Some(line)) => line,
+                Ok(None) => break,
+                Err(error) => {
+                    tally.broken = Some(error.to_string());
+                    break;
+                }
+            };
+            tally.replies += 1;
             let reply: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             let is_flush = reply["op"] == "flush";
             if reply["ok"] == true {
@@ -134,13 +157,13 @@ pub async fn send(
                 }
                 continue;
             }
-            rejected += 1;
+            tally.rejected += 1;
             match (reply["frame"].as_u64(), reply["error"].as_str()) {
                 (Some(frame), Some(error)) => eprintln!("frame {frame}: {error}"),
                 _ => eprintln!("{line}"),
             }
         }
-        rejected
+        tally
     });
 
     let started = std::time::Instant::now();
@@ -194,11 +217,18 @@ pub async fn send(
     }
     let elapsed = started.elapsed().as_secs_f64();
     out.into_inner().shutdown().await.map_err(write_error)?;
-    let rejected = replies.await.unwrap_or(0);
+    let tally = replies.await.unwrap_or_default();
+    let rejected = tally.rejected;
     eprintln!(
-        "sent {frames} frames ({bytes} bytes) in {elapsed:.3} s: {:.0} frames/s{}; {rejected} rejected",
+        "sent {frames} frames ({bytes} bytes) in {elapsed:.3} s: {:.0} frames/s{}; {} replies read, {rejected} rejected{}",
         frames as f64 / elapsed.max(1e-9),
-        if flush { ", flushed" } else { "" }
+        if flush { ", flushed" } else { "" },
+        tally.replies,
+        match &tally.broken {
+            Some(error) =>
+                format!(" (at least: the connection broke before every reply was read: {error})"),
+            None => String::new(),
+        }
     );
     if let Some(error) = flush_error {
         return Err(CommandError::Other(format!("flush failed: {error}")));

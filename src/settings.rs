@@ -34,12 +34,17 @@ pub struct SocketSettings {
     pub max_depth: usize,
     pub max_connections: usize,
     pub max_inflight_events: usize,
+    pub reply_buffer_bytes: usize,
+    pub reply_timeout_secs: u64,
 }
 
 impl SocketSettings {
     /// The mode as permission bits (validated at load).
     pub fn mode_bits(&self) -> u32 {
         u32::from_str_radix(&self.mode, 8).expect("validated at load")
+    }
+    pub fn reply_timeout(&self) -> Duration {
+        Duration::from_secs(self.reply_timeout_secs)
     }
 }
 
@@ -64,6 +69,7 @@ pub struct PolicySettings {
     pub time_interval_secs: u64,
     pub keep_snapshots: u32,
     pub idle_timeout_secs: u64,
+    pub max_active_entities: usize,
 }
 
 impl PolicySettings {
@@ -206,6 +212,8 @@ impl Settings {
             max_depth: c.positive("socket.max_depth"),
             max_connections: c.positive("socket.max_connections"),
             max_inflight_events: c.positive("socket.max_inflight_events"),
+            reply_buffer_bytes: c.positive("socket.reply_buffer_bytes"),
+            reply_timeout_secs: c.positive("socket.reply_timeout_secs"),
         };
         if socket.path.as_os_str().is_empty() {
             c.problem("socket.path", "must not be empty".into());
@@ -238,6 +246,7 @@ impl Settings {
             time_interval_secs: c.positive("policy.time_interval_secs"),
             keep_snapshots: c.get("policy.keep_snapshots"),
             idle_timeout_secs: c.positive("policy.idle_timeout_secs"),
+            max_active_entities: c.positive("policy.max_active_entities"),
         };
         let reducer = ReducerSettings {
             kind: c.choice(
@@ -401,6 +410,9 @@ mod tests {
         assert_eq!(s.policy.time_interval_secs, 3600);
         assert_eq!(s.policy.keep_snapshots, 3);
         assert_eq!(s.policy.idle_timeout_secs, 600);
+        assert_eq!(s.policy.max_active_entities, 100_000);
+        assert_eq!(s.socket.reply_buffer_bytes, 1_048_576);
+        assert_eq!(s.socket.reply_timeout_secs, 30);
         assert_eq!(s.reducer.kind, ReducerKind::Stabilize);
         assert_eq!(s.metrics.address, "127.0.0.1:9187");
         assert_eq!(s.log.format, LogFormat::Plain);

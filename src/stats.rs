@@ -28,7 +28,8 @@ pub mod names {
     pub const REBUILDS: &str = "rebuilds";
     pub const HYDRATIONS: &str = "hydrations";
     pub const ACTOR_RESTARTS: &str = "actor_restarts";
-    pub const REPLIES_DROPPED: &str = "replies_dropped";
+    pub const CONNECTIONS_UNREAD: &str = "connections_unread";
+    pub const PASSIVATIONS_FOR_ROOM: &str = "passivations_for_room";
     pub const ACTIVE_ENTITIES: &str = "active_entities";
     pub const CONNECTIONS: &str = "connections";
     pub const WRITER_PENDING: &str = "writer_pending";
@@ -57,7 +58,8 @@ pub struct Stats {
     pub rebuilds: Counter,
     pub hydrations: Counter,
     pub actor_restarts: Counter,
-    pub replies_dropped: Counter,
+    pub connections_unread: Counter,
+    pub passivations_for_room: Counter,
     pub active_entities: Gauge,
     pub connections: Gauge,
     pub writer_pending: Gauge,
@@ -105,7 +107,8 @@ impl Default for Stats {
             rebuilds: Counter::default(),
             hydrations: Counter::default(),
             actor_restarts: Counter::default(),
-            replies_dropped: Counter::default(),
+            connections_unread: Counter::default(),
+            passivations_for_room: Counter::default(),
             active_entities: Gauge::default(),
             connections: Gauge::default(),
             writer_pending: Gauge::default(),
@@ -131,7 +134,7 @@ impl Stats {
         let mut stats = Stats::default();
         let r = &mut stats.registry;
         use names::*;
-        let counters: [(&str, &str, &Counter); 11] = [
+        let counters: [(&str, &str, &Counter); 12] = [
             (
                 EVENTS_RECEIVED,
                 "Events decoded from the socket.",
@@ -183,9 +186,14 @@ impl Stats {
                 &stats.actor_restarts,
             ),
             (
-                REPLIES_DROPPED,
-                "Error replies dropped for producers not reading.",
-                &stats.replies_dropped,
+                CONNECTIONS_UNREAD,
+                "Connections closed because their producer read none of its replies in time.",
+                &stats.connections_unread,
+            ),
+            (
+                PASSIVATIONS_FOR_ROOM,
+                "Entity actors passivated to stay within policy.max_active_entities.",
+                &stats.passivations_for_room,
             ),
         ];
         for (name, help, counter) in counters {
@@ -305,7 +313,8 @@ impl Stats {
             names::REBUILDS: self.rebuilds.get(),
             names::HYDRATIONS: self.hydrations.get(),
             names::ACTOR_RESTARTS: self.actor_restarts.get(),
-            names::REPLIES_DROPPED: self.replies_dropped.get(),
+            names::CONNECTIONS_UNREAD: self.connections_unread.get(),
+            names::PASSIVATIONS_FOR_ROOM: self.passivations_for_room.get(),
             "invalid_by_kind": by_kind,
             names::ACTIVE_ENTITIES: self.active_entities.get(),
             names::CONNECTIONS: self.connections.get(),

@@ -5,30 +5,42 @@
 //! A reader splits NDJSON frames (skipping an oversized one to its newline
 //! without buffering it), decodes each once, sends events to the router
 //! (waiting for an in-flight permit: backpressure reaches the socket) and
-//! answers commands. Replies go through a bounded queue to a writer task:
-//! an error line is dropped (and counted) rather than ever blocking reading.
+//! answers commands.
+//!
+//! Replies are never dropped; what bounds them is a per-connection budget
+//! of queued reply bytes (`socket.reply_buffer_bytes`). Queuing a reply
+//! waits for room, so a producer that does not read its replies stops being
+//! read (backpressure on that producer alone), and one that reads nothing
+//! for `socket.reply_timeout_secs` is disconnected. Every wait also ends at
+//! shutdown, so no producer can hold the daemon up.
 
-use super::router::RouterMsg;
-use crate::model::EntityKey;
+use super::router::{RouterMsg, SnapshotOutcome};
+use super::writer::WriterMsg;
 use crate::model::event::{Command, DecodeError, Frame, Limits, decode};
+use crate::model::{EntityKey, Snapshot};
 use crate::stats::Stats;
 use crate::store::Store;
 use ractor::ActorRef;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
-/// Replies queued per connection before error lines are dropped.
-const REPLY_QUEUE: usize = 1024;
+/// Commands answered from a task (flush, snapshot, get) a connection may
+/// have under way at once; more wait, and reading that connection with them.
+pub const MAX_PENDING_COMMANDS: usize = 64;
 
 /// What every reader needs.
 #[derive(Clone)]
 pub struct IngestContext {
     pub router: ActorRef<RouterMsg>,
+    /// For `get`: the newest snapshot may still be pending there.
+    pub writer: ActorRef<WriterMsg>,
     pub store: Store,
     pub stats: Arc<Stats>,
     /// Events read but not yet handled by their policy actor.
@@ -36,6 +48,10 @@ pub struct IngestContext {
     pub max_frame_bytes: usize,
     pub limits: Limits,
     pub max_connections: usize,
+    /// Reply bytes a connection may have queued before its reading pauses.
+    pub reply_buffer_bytes: usize,
+    /// A peer that reads none of its replies this long is disconnected.
+    pub reply_timeout: Duration,
 }
 
 /// Accept connections until `shutdown` turns true; then stop accepting, tell
@@ -82,7 +98,7 @@ pub async fn serve(
     while readers.join_next().await.is_some() {}
 }
 
-/// Serve one connection until EOF or shutdown.
+/// Serve one connection until EOF, shutdown, or a peer that stopped reading.
 async fn read_connection(
     id: u64,
     stream: UnixStream,
@@ -90,8 +106,13 @@ async fn read_connection(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (read_half, write_half) = stream.into_split();
-    let (replies, reply_rx) = mpsc::channel::<String>(REPLY_QUEUE);
-    let reply_task = tokio::spawn(write_replies(write_half, reply_rx));
+    let (replies, mut reply_task) = Replies::start(id, write_half, ctx);
+    let mut conn = Conn {
+        id,
+        replies,
+        commands: Arc::new(Semaphore::new(MAX_PENDING_COMMANDS)),
+        shutdown: shutdown.clone(),
+    };
     let mut reader = BufReader::with_capacity(256 * 1024, read_half);
     let mut line: Vec<u8> = Vec::new();
     let mut skipping = false;
@@ -99,7 +120,7 @@ async fn read_connection(
     loop {
         let available = tokio::select! {
             biased;
-            _ = shutdown.changed() => break,
+            _ = conn.stopped() => break,
             read = reader.fill_buf() => match read {
                 Ok(bytes) => bytes,
                 Err(error) => {
@@ -111,7 +132,7 @@ async fn read_connection(
         if available.is_empty() {
             if !skipping && !line.is_empty() {
                 frame += 1;
-                handle_frame(id, frame, &line, ctx, &replies).await;
+                let _ = handle_frame(frame, &line, ctx, &mut conn).await;
             }
             break;
         }
@@ -131,78 +152,207 @@ async fn read_connection(
         reader.consume(used);
         if end_of_line.is_some() {
             frame += 1;
-            if skipping {
+            let handled = if skipping {
+                skipping = false;
                 refuse(
-                    id,
                     frame,
                     DecodeError::TooLong(ctx.max_frame_bytes),
                     ctx,
-                    &replies,
-                );
-                skipping = false;
+                    &mut conn,
+                )
+                .await
             } else {
                 let current = std::mem::take(&mut line);
-                handle_frame(id, frame, &current, ctx, &replies).await;
+                let handled = handle_frame(frame, &current, ctx, &mut conn).await;
                 line = current;
                 line.clear();
+                handled
+            };
+            if handled.is_err() {
+                break;
             }
         }
     }
     let _ = ctx.router.cast(RouterMsg::Closed { connection: id });
-    drop(replies);
-    // Replies still owed (a flush in progress) are delivered; a producer
-    // that stopped reading does not hold the daemon for long.
-    let mut reply_task = reply_task;
-    if tokio::time::timeout(std::time::Duration::from_secs(10), &mut reply_task)
-        .await
-        .is_err()
-    {
-        reply_task.abort();
+    drop(conn);
+    // Replies still owed (a flush in progress) are delivered: the reply
+    // task ends once every command's task has answered, or when the peer
+    // stops reading (its own timeout). Shutdown never waits for it.
+    tokio::select! {
+        _ = &mut reply_task => {}
+        _ = shutdown.wait_for(|stop| *stop) => {}
+    }
+}
+
+/// Replies a connection still owes, bounded in bytes: queuing one waits
+/// for room, so a producer that does not read its replies stops being read.
+#[derive(Clone)]
+struct Replies {
+    lines: mpsc::UnboundedSender<Reply>,
+    /// Bytes of queued, unwritten replies; closed when the peer is gone.
+    budget: Arc<Semaphore>,
+    capacity: usize,
+    /// Turns true when the reply task ends: the peer closed or stopped reading.
+    gone: watch::Receiver<bool>,
+}
+
+/// A reply line holding its share of the connection's reply budget.
+struct Reply {
+    line: String,
+    _bytes: OwnedSemaphorePermit,
+}
+
+/// The peer is gone or stopped reading: nothing more can be sent to it.
+#[derive(Debug)]
+struct PeerGone;
+
+impl Replies {
+    fn start(
+        id: u64,
+        write_half: OwnedWriteHalf,
+        ctx: &IngestContext,
+    ) -> (Replies, tokio::task::JoinHandle<()>) {
+        let (lines, rx) = mpsc::unbounded_channel();
+        let budget = Arc::new(Semaphore::new(ctx.reply_buffer_bytes));
+        let (gone_tx, gone) = watch::channel(false);
+        let writer = ReplyWriter {
+            id,
+            out: write_half,
+            budget: budget.clone(),
+            timeout: ctx.reply_timeout,
+            stats: ctx.stats.clone(),
+        };
+        let task = tokio::spawn(async move {
+            writer.run(rx).await;
+            let _ = gone_tx.send(true);
+        });
+        let replies = Replies {
+            lines,
+            budget,
+            capacity: ctx.reply_buffer_bytes,
+            gone,
+        };
+        (replies, task)
+    }
+
+    /// Queue a line once the budget has room for it (a line longer than the
+    /// whole budget waits for all of it).
+    async fn send(&self, line: String) -> Result<(), PeerGone> {
+        let cost = (line.len() + 1).min(self.capacity).min(u32::MAX as usize) as u32;
+        let bytes = match self.budget.clone().try_acquire_many_owned(cost) {
+            Ok(bytes) => bytes,
+            Err(_) => self
+                .budget
+                .clone()
+                .acquire_many_owned(cost)
+                .await
+                .map_err(|_| PeerGone)?,
+        };
+        self.lines
+            .send(Reply {
+                line,
+                _bytes: bytes,
+            })
+            .map_err(|_| PeerGone)
+    }
+}
+
+/// One connection as its reader sees it.
+struct Conn {
+    id: u64,
+    replies: Replies,
+    /// Commands answered from a task (flush, snapshot, get) not yet answered.
+    commands: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Why the reader stops: shutdown, or the peer is gone.
+#[derive(Debug)]
+struct Stop;
+
+impl Conn {
+    /// Resolves when reading must stop: shutdown, or the reply side found the
+    /// peer gone (it stopped reading, or closed).
+    async fn stopped(&mut self) {
+        let mut gone = self.replies.gone.clone();
+        tokio::select! {
+            _ = self.shutdown.wait_for(|stop| *stop) => {}
+            _ = gone.wait_for(|gone| *gone) => {}
+        }
+    }
+
+    /// `fut`, unless reading must stop first.
+    async fn or_stop<T>(&mut self, fut: impl std::future::Future<Output = T>) -> Result<T, Stop> {
+        tokio::select! {
+            biased;
+            _ = self.stopped() => Err(Stop),
+            value = fut => Ok(value),
+        }
+    }
+
+    /// Queue a reply, waiting for room; stops on shutdown or a gone peer.
+    async fn reply(&mut self, line: String) -> Result<(), Stop> {
+        let replies = self.replies.clone();
+        match self.or_stop(replies.send(line)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Stop),
+        }
+    }
+
+    /// A place for one more command answered from a task.
+    async fn command_slot(&mut self) -> Result<OwnedSemaphorePermit, Stop> {
+        let commands = self.commands.clone();
+        match self.or_stop(commands.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(Stop),
+        }
     }
 }
 
 async fn handle_frame(
-    id: u64,
     frame: u64,
     line: &[u8],
     ctx: &IngestContext,
-    replies: &mpsc::Sender<String>,
-) {
+    conn: &mut Conn,
+) -> Result<(), Stop> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.iter().all(u8::is_ascii_whitespace) {
-        return;
+        return Ok(());
     }
     match decode(line, ctx.limits) {
         Ok(Frame::Event(event)) => {
             ctx.stats.events_received.inc();
             // Waits while too many events are in flight: backpressure.
-            let Ok(permit) = ctx.inflight.clone().acquire_owned().await else {
-                return;
+            let permit = match ctx.inflight.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => conn
+                    .or_stop(ctx.inflight.clone().acquire_owned())
+                    .await?
+                    .map_err(|_| Stop)?,
             };
             let _ = ctx.router.cast(RouterMsg::Event {
-                connection: id,
+                connection: conn.id,
                 event: Box::new(event),
                 permit,
             });
+            Ok(())
         }
-        Ok(Frame::Command(command)) => command_reply(id, frame, command, ctx, replies).await,
-        Err(error) => refuse(id, frame, error, ctx, replies),
+        Ok(Frame::Command(command)) => command_reply(frame, command, ctx, conn).await,
+        Err(error) => refuse(frame, error, ctx, conn).await,
     }
 }
 
-fn refuse(
-    id: u64,
+async fn refuse(
     frame: u64,
     error: DecodeError,
     ctx: &IngestContext,
-    replies: &mpsc::Sender<String>,
-) {
+    conn: &mut Conn,
+) -> Result<(), Stop> {
     let reason = error.to_string();
-    ctx.stats.invalid_frame(id, frame, error.kind(), &reason);
-    let line = json!({"ok": false, "frame": frame, "error": reason}).to_string();
-    if replies.try_send(line).is_err() {
-        ctx.stats.replies_dropped.inc();
-    }
+    ctx.stats
+        .invalid_frame(conn.id, frame, error.kind(), &reason);
+    conn.reply(json!({"ok": false, "frame": frame, "error": reason}).to_string())
+        .await
 }
 
 fn ok_line(op: &str, frame: u64, extra: Value) -> String {
@@ -217,35 +367,33 @@ fn fail_line(op: &str, frame: u64, error: String) -> String {
     json!({"ok": false, "op": op, "frame": frame, "error": error}).to_string()
 }
 
-/// Answer a command; slow ones (flush, snapshot, get) answer from a task so
-/// reading goes on meanwhile.
+/// Answer a command. Quick ones (ping, stats) are queued at once; slow ones
+/// (flush, snapshot, get) take one of the connection's command places and
+/// answer from a task, so reading goes on meanwhile, and a flood of them
+/// costs at most [`MAX_PENDING_COMMANDS`] answers in the making.
 async fn command_reply(
-    id: u64,
     frame: u64,
     command: Command,
     ctx: &IngestContext,
-    replies: &mpsc::Sender<String>,
-) {
-    let replies = replies.clone();
-    match command {
-        Command::Ping => {
-            let _ = replies.send(ok_line("ping", frame, json!({}))).await;
-        }
+    conn: &mut Conn,
+) -> Result<(), Stop> {
+    let command = match command {
+        Command::Ping => return conn.reply(ok_line("ping", frame, json!({}))).await,
         Command::Stats => {
-            let _ = replies
-                .send(ok_line(
-                    "stats",
-                    frame,
-                    json!({"stats": ctx.stats.to_json()}),
-                ))
-                .await;
+            let stats = json!({"stats": ctx.stats.to_json()});
+            return conn.reply(ok_line("stats", frame, stats)).await;
         }
+        command => command,
+    };
+    let slot = conn.command_slot().await?;
+    let replies = conn.replies.clone();
+    match command {
         Command::Flush => {
             // Sent now, in frame order: behind this connection's events and
             // ahead of its `Closed`; only the wait happens in a task.
             let (reply, done) = ractor::concurrency::oneshot();
             let sent = ctx.router.cast(RouterMsg::Flush {
-                connection: id,
+                connection: conn.id,
                 reply: reply.into(),
             });
             tokio::spawn(async move {
@@ -254,6 +402,7 @@ async fn command_reply(
                     _ => fail_line("flush", frame, "the daemon is shutting down".into()),
                 };
                 let _ = replies.send(line).await;
+                drop(slot);
             });
         }
         Command::Snapshot {
@@ -267,20 +416,27 @@ async fn command_reply(
                 reply: reply.into(),
             });
             tokio::spawn(async move {
+                let entity = key.to_string();
                 let line = match (sent, done.await) {
-                    (Ok(()), Ok(Some((version, sequence)))) => ok_line(
+                    (Ok(()), Ok(SnapshotOutcome::Taken { version, sequence })) => ok_line(
                         "snapshot",
                         frame,
-                        json!({"entity": key.to_string(), "taken": true, "version": version, "sequence": sequence}),
+                        json!({"entity": entity, "taken": true, "version": version, "sequence": sequence}),
                     ),
-                    (Ok(()), Ok(None)) => ok_line(
+                    (Ok(()), Ok(SnapshotOutcome::NothingNew)) => ok_line(
                         "snapshot",
                         frame,
-                        json!({"entity": key.to_string(), "taken": false, "reason": "no new events"}),
+                        json!({"entity": entity, "taken": false, "reason": "no new events"}),
+                    ),
+                    (Ok(()), Ok(SnapshotOutcome::Unknown)) => fail_line(
+                        "snapshot",
+                        frame,
+                        format!("unknown entity {entity}: no events and no stored snapshot"),
                     ),
                     _ => fail_line("snapshot", frame, "the daemon is shutting down".into()),
                 };
                 let _ = replies.send(line).await;
+                drop(slot);
             });
         }
         Command::Get {
@@ -289,33 +445,100 @@ async fn command_reply(
         } => {
             let key = EntityKey::new(entity_type, entity_id);
             let store = ctx.store.clone();
+            let writer = ctx.writer.clone();
             tokio::spawn(async move {
-                let line = match store.latest(&key).await {
+                let line = match newest_snapshot(&writer, &store, &key).await {
                     Ok(Some(snapshot)) => {
                         ok_line("get", frame, json!({"snapshot": snapshot.to_json()}))
                     }
-                    Ok(None) => fail_line("get", frame, format!("no snapshot of {key}")),
+                    Ok(None) => fail_line(
+                        "get",
+                        frame,
+                        format!("unknown entity {key}: no snapshot pending or stored"),
+                    ),
                     Err(error) => fail_line("get", frame, crate::cli::chain(&error)),
                 };
                 let _ = replies.send(line).await;
+                drop(slot);
             });
         }
+        Command::Ping | Command::Stats => unreachable!("answered above"),
     }
+    Ok(())
 }
 
-async fn write_replies(
-    write_half: tokio::net::unix::OwnedWriteHalf,
-    mut lines: mpsc::Receiver<String>,
-) {
-    let mut out = BufWriter::new(write_half);
-    while let Some(line) = lines.recv().await {
-        if out.write_all(line.as_bytes()).await.is_err() || out.write_all(b"\n").await.is_err() {
-            break;
-        }
-        if lines.is_empty() && out.flush().await.is_err() {
-            break;
-        }
+/// The entity's newest snapshot: the writer's pending one (newer than any
+/// stored), else the store's verified latest. Nothing is kept.
+async fn newest_snapshot(
+    writer: &ActorRef<WriterMsg>,
+    store: &Store,
+    key: &EntityKey,
+) -> Result<Option<Snapshot>, crate::store::StoreError> {
+    if let Ok(ractor::rpc::CallResult::Success(Some(pending))) = writer
+        .call(|reply| WriterMsg::PendingFor(key.clone(), reply), None)
+        .await
+    {
+        return Ok(Some(pending));
     }
-    let _ = out.flush().await;
-    let _ = out.into_inner().shutdown().await;
+    store.latest(key).await
+}
+
+/// Writes a connection's replies to its socket, in batches. A write that
+/// makes no progress for `timeout` means the peer stopped reading: the
+/// connection is closed with a warning naming it.
+struct ReplyWriter {
+    id: u64,
+    out: OwnedWriteHalf,
+    budget: Arc<Semaphore>,
+    timeout: Duration,
+    stats: Arc<Stats>,
+}
+
+impl ReplyWriter {
+    /// Most bytes gathered into one write.
+    const BATCH: usize = 64 * 1024;
+
+    async fn run(mut self, mut lines: mpsc::UnboundedReceiver<Reply>) {
+        let mut batch: Vec<u8> = Vec::with_capacity(Self::BATCH);
+        let mut held: Vec<Reply> = Vec::new();
+        while let Some(first) = lines.recv().await {
+            batch.extend_from_slice(first.line.as_bytes());
+            batch.push(b'\n');
+            held.push(first);
+            while batch.len() < Self::BATCH {
+                let Ok(next) = lines.try_recv() else { break };
+                batch.extend_from_slice(next.line.as_bytes());
+                batch.push(b'\n');
+                held.push(next);
+            }
+            if !self.write(&batch).await {
+                break;
+            }
+            batch.clear();
+            // Their bytes are written: room for more replies.
+            held.clear();
+        }
+        self.budget.close();
+        let _ = self.out.shutdown().await;
+    }
+
+    /// Write it all; false when the peer is gone or reads nothing for `timeout`.
+    async fn write(&mut self, mut bytes: &[u8]) -> bool {
+        while !bytes.is_empty() {
+            match tokio::time::timeout(self.timeout, self.out.write(bytes)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return false,
+                Ok(Ok(n)) => bytes = &bytes[n..],
+                Err(_) => {
+                    self.stats.connections_unread.inc();
+                    tracing::warn!(
+                        connection = self.id,
+                        timeout_secs = self.timeout.as_secs(),
+                        "Producer read none of its replies in time; closing its connection."
+                    );
+                    return false;
+                }
+            }
+        }
+        true
+    }
 }

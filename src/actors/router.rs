@@ -1,7 +1,12 @@
 //! The router and supervisor: maps each entity key to its policy actor,
 //! spawning it on first use; restarts one that panics (it hydrates from the
-//! store again); passivates idle ones without losing a message; answers
-//! flush barriers; drains everything at shutdown.
+//! store again); passivates idle ones without losing a message, and the
+//! least recently used one when `policy.max_active_entities` actors are
+//! alive; answers flush barriers; drains everything at shutdown.
+//!
+//! A command costs what its answer costs: a `snapshot` of an entity with no
+//! actor is first looked up (writer, store, events table) off the router,
+//! and answered "unknown" without spawning anything when nothing is there.
 
 use super::policy::{Policy, PolicyArgs, PolicyConfig, PolicyMsg};
 use super::writer::WriterMsg;
@@ -10,7 +15,7 @@ use crate::model::event::Event;
 use crate::stats::Stats;
 use crate::store::Store;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -30,10 +35,17 @@ pub enum RouterMsg {
         reply: RpcReplyPort<()>,
     },
     /// From a connection reader (`snapshot`): snapshot the entity now and
-    /// reply once committed, with its (version, sequence) if one was taken.
+    /// reply once committed.
     Snapshot {
         key: EntityKey,
-        reply: RpcReplyPort<Option<(i32, i64)>>,
+        reply: RpcReplyPort<SnapshotOutcome>,
+    },
+    /// From the task that looked up an entity without an actor for a
+    /// `snapshot`: whether it has any history at all.
+    SnapshotLookedUp {
+        key: EntityKey,
+        known: bool,
+        reply: RpcReplyPort<SnapshotOutcome>,
     },
     /// From a connection reader: the connection ended.
     Closed { connection: u64 },
@@ -47,6 +59,20 @@ pub enum RouterMsg {
         snapshot: bool,
         reply: RpcReplyPort<()>,
     },
+    /// From the app, when the drain ran out of time: how many entities
+    /// have not handed their final snapshot to the writer.
+    Remaining(RpcReplyPort<usize>),
+}
+
+/// The answer to a `snapshot` command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotOutcome {
+    /// Taken and committed.
+    Taken { version: i32, sequence: i64 },
+    /// Nothing beyond the last snapshot.
+    NothingNew,
+    /// No events and no snapshot anywhere: no actor was started for it.
+    Unknown,
 }
 
 /// Start arguments.
@@ -56,12 +82,18 @@ pub struct RouterArgs {
     pub writer: ActorRef<WriterMsg>,
     pub writer_permits: Arc<Semaphore>,
     pub stats: Arc<Stats>,
+    /// Most policy actors running at once (`policy.max_active_entities`).
+    pub max_active: usize,
 }
 
 pub struct Router;
 
 enum Entry {
-    Running(ActorRef<PolicyMsg>),
+    /// `used` orders it in [`RouterState::recency`].
+    Running {
+        actor: ActorRef<PolicyMsg>,
+        used: u64,
+    },
     /// Asked to stop; messages wait here until it has, then go to a new actor.
     Stopping {
         id: ActorId,
@@ -74,6 +106,10 @@ pub struct RouterState {
     args: RouterArgs,
     entities: HashMap<EntityKey, Entry>,
     keys_by_actor: HashMap<ActorId, EntityKey>,
+    /// Running entities by when they were last sent something, oldest
+    /// first: the next to passivate when `max_active` are running.
+    recency: BTreeMap<u64, EntityKey>,
+    next_use: u64,
     /// Entities each connection sent events to since its last flush.
     touched: HashMap<u64, HashSet<EntityKey>>,
     draining: Option<RpcReplyPort<()>>,
@@ -93,6 +129,8 @@ impl Actor for Router {
             args,
             entities: HashMap::new(),
             keys_by_actor: HashMap::new(),
+            recency: BTreeMap::new(),
+            next_use: 0,
             touched: HashMap::new(),
             draining: None,
         })
@@ -145,50 +183,48 @@ impl Actor for Router {
                 });
             }
             RouterMsg::Snapshot { key, reply } => {
-                let (tx, rx) = ractor::concurrency::oneshot();
-                state
-                    .deliver(&myself, key, PolicyMsg::ForceSnapshot(tx.into()))
-                    .await;
-                let writer = state.args.writer.clone();
-                tokio::spawn(async move {
-                    let taken = rx.await.ok().flatten();
-                    if let Ok(ractor::rpc::CallResult::Success(())) =
-                        writer.call(WriterMsg::Flush, None).await
-                    {
-                        let _ = reply.send(taken);
-                    }
-                });
+                if state.entities.contains_key(&key) {
+                    state.force_snapshot(&myself, key, reply).await;
+                } else {
+                    // Looked up off the router: a flood of unknown ids
+                    // starts no actor and does not hold the router up.
+                    let lookup = EntityLookup {
+                        store: state.args.store.clone(),
+                        writer: state.args.writer.clone(),
+                        config: state.args.config.clone(),
+                    };
+                    let myself = myself.clone();
+                    tokio::spawn(async move {
+                        let known = lookup.known(&key).await;
+                        let _ = myself.cast(RouterMsg::SnapshotLookedUp { key, known, reply });
+                    });
+                }
+            }
+            RouterMsg::SnapshotLookedUp { key, known, reply } => {
+                if known || state.entities.contains_key(&key) {
+                    state.force_snapshot(&myself, key, reply).await;
+                } else {
+                    let _ = reply.send(SnapshotOutcome::Unknown);
+                }
+            }
+            RouterMsg::Remaining(reply) => {
+                let _ = reply.send(state.entities.len());
             }
             RouterMsg::Closed { connection } => {
                 state.touched.remove(&connection);
             }
             RouterMsg::Idle { key, id } => {
-                if let Some(Entry::Running(actor)) = state.entities.get(&key)
+                if let Some(Entry::Running { actor, .. }) = state.entities.get(&key)
                     && actor.get_id() == id
                 {
-                    let _ = actor.cast(PolicyMsg::Stop { snapshot: true });
-                    state.entities.insert(
-                        key,
-                        Entry::Stopping {
-                            id,
-                            stash: Vec::new(),
-                            barriers: Vec::new(),
-                        },
-                    );
+                    state.passivate(key, true);
                 }
             }
             RouterMsg::Resync(key) => state.deliver(&myself, key, PolicyMsg::Resync).await,
             RouterMsg::Drain { snapshot, reply } => {
-                for entry in state.entities.values_mut() {
-                    if let Entry::Running(actor) = entry {
-                        let id = actor.get_id();
-                        let _ = actor.cast(PolicyMsg::Stop { snapshot });
-                        *entry = Entry::Stopping {
-                            id,
-                            stash: Vec::new(),
-                            barriers: Vec::new(),
-                        };
-                    }
+                let running: Vec<EntityKey> = state.recency.values().cloned().collect();
+                for key in running {
+                    state.passivate(key, snapshot);
                 }
                 state.draining = Some(reply);
                 state.finish_drain_if_done();
@@ -236,11 +272,20 @@ impl RouterState {
     /// Send `msg` to the entity's actor, spawning it when there is none.
     async fn deliver(&mut self, myself: &ActorRef<RouterMsg>, key: EntityKey, msg: PolicyMsg) {
         let msg = match self.entities.get_mut(&key) {
-            Some(Entry::Running(actor)) => match actor.cast(msg) {
-                Ok(()) => return,
+            Some(Entry::Running { actor, used }) => match actor.cast(msg) {
+                Ok(()) => {
+                    // Most recently used now.
+                    self.next_use += 1;
+                    if let Some(key) = self.recency.remove(used) {
+                        self.recency.insert(self.next_use, key);
+                    }
+                    *used = self.next_use;
+                    return;
+                }
                 // Stopped but not yet reported: wait for its termination.
                 Err(ractor::MessagingErr::SendErr(msg)) => {
                     let id = actor.get_id();
+                    self.recency.remove(used);
                     self.entities.insert(
                         key,
                         Entry::Stopping {
@@ -287,6 +332,14 @@ impl RouterState {
         myself: &ActorRef<RouterMsg>,
         key: EntityKey,
     ) -> Option<ActorRef<PolicyMsg>> {
+        // Make room: the least recently used passivates, snapshotting first.
+        while self.recency.len() >= self.args.max_active.max(1) {
+            let Some((_, oldest)) = self.recency.pop_first() else {
+                break;
+            };
+            self.args.stats.passivations_for_room.inc();
+            self.passivate(oldest, true);
+        }
         let args = PolicyArgs {
             key: key.clone(),
             config: self.args.config.clone(),
@@ -299,7 +352,15 @@ impl RouterState {
         match Actor::spawn_linked(None, Policy, args, myself.get_cell()).await {
             Ok((actor, _)) => {
                 self.keys_by_actor.insert(actor.get_id(), key.clone());
-                self.entities.insert(key, Entry::Running(actor.clone()));
+                self.next_use += 1;
+                self.recency.insert(self.next_use, key.clone());
+                self.entities.insert(
+                    key,
+                    Entry::Running {
+                        actor: actor.clone(),
+                        used: self.next_use,
+                    },
+                );
                 Some(actor)
             }
             Err(error) => {
@@ -309,10 +370,55 @@ impl RouterState {
         }
     }
 
+    /// Ask a running entity's actor to stop (snapshotting new events when
+    /// `snapshot`); messages for it wait until it has, then go to a new one.
+    fn passivate(&mut self, key: EntityKey, snapshot: bool) {
+        if let Some(entry) = self.entities.get_mut(&key)
+            && let Entry::Running { actor, used } = entry
+        {
+            let id = actor.get_id();
+            let _ = actor.cast(PolicyMsg::Stop { snapshot });
+            self.recency.remove(used);
+            *entry = Entry::Stopping {
+                id,
+                stash: Vec::new(),
+                barriers: Vec::new(),
+            };
+        }
+    }
+
+    /// Deliver a `snapshot` command to the entity's actor (spawning it) and
+    /// reply once what it took is committed.
+    async fn force_snapshot(
+        &mut self,
+        myself: &ActorRef<RouterMsg>,
+        key: EntityKey,
+        reply: RpcReplyPort<SnapshotOutcome>,
+    ) {
+        let (tx, rx) = ractor::concurrency::oneshot();
+        self.deliver(myself, key, PolicyMsg::ForceSnapshot(tx.into()))
+            .await;
+        let writer = self.args.writer.clone();
+        tokio::spawn(async move {
+            let outcome = match rx.await.ok().flatten() {
+                Some((version, sequence)) => SnapshotOutcome::Taken { version, sequence },
+                None => SnapshotOutcome::NothingNew,
+            };
+            if let Ok(ractor::rpc::CallResult::Success(())) =
+                writer.call(WriterMsg::Flush, None).await
+            {
+                let _ = reply.send(outcome);
+            }
+        });
+    }
+
     /// An actor is gone: answer its barriers, hand its stash to a new one.
     async fn ended(&mut self, myself: &ActorRef<RouterMsg>, key: EntityKey, id: ActorId) {
         let entry = match self.entities.get(&key) {
-            Some(Entry::Running(actor)) if actor.get_id() == id => self.entities.remove(&key),
+            Some(Entry::Running { actor, used }) if actor.get_id() == id => {
+                self.recency.remove(used);
+                self.entities.remove(&key)
+            }
             Some(Entry::Stopping { id: stopping, .. }) if *stopping == id => {
                 self.entities.remove(&key)
             }
@@ -343,6 +449,38 @@ impl RouterState {
             && let Some(reply) = self.draining.take()
         {
             let _ = reply.send(());
+        }
+    }
+}
+
+/// Whether an entity without an actor has any history: a snapshot pending
+/// with the writer or stored, or events in stabilize's table.
+struct EntityLookup {
+    store: Store,
+    writer: ActorRef<WriterMsg>,
+    config: Arc<PolicyConfig>,
+}
+
+impl EntityLookup {
+    async fn known(&self, key: &EntityKey) -> bool {
+        if let Ok(ractor::rpc::CallResult::Success(Some(_))) = self
+            .writer
+            .call(|reply| WriterMsg::PendingFor(key.clone(), reply), None)
+            .await
+        {
+            return true;
+        }
+        let whole_workflow = self.config.reducer == crate::reducer::Reducer::Stabilize;
+        let stored = self.store.has_snapshot(key).await;
+        let events = if self.config.events_table.check().await {
+            self.store.has_events(key, whole_workflow).await
+        } else {
+            Ok(false)
+        };
+        match (stored, events) {
+            (Ok(stored), Ok(events)) => stored || events,
+            // Cannot tell: let an actor find out (it retries the store).
+            _ => true,
         }
     }
 }

@@ -2,9 +2,9 @@
 //! ground truth the daemon hydrates from and checks its snapshots against.
 
 use super::{Store, StoreError};
-use crate::model::EntityType;
 use crate::model::canonical::{NumberForm, normalize_value_as};
 use crate::model::event::{Event, parse_timestamp};
+use crate::model::{EntityKey, EntityType};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use sqlx::Row;
@@ -98,6 +98,49 @@ impl Store {
                 .map_err(op)?,
         };
         Ok(EVENT_COLUMNS.iter().all(|c| columns.iter().any(|p| p == c)))
+    }
+
+    /// Whether stabilize's table holds any event of the entity: of its whole
+    /// workflow when `whole_workflow` (the stabilize reducer's entities),
+    /// else of exactly that entity.
+    pub async fn has_events(
+        &self,
+        key: &EntityKey,
+        whole_workflow: bool,
+    ) -> Result<bool, StoreError> {
+        let sql = match (self, whole_workflow) {
+            (Store::Postgres(_), true) => {
+                "SELECT EXISTS (SELECT 1 FROM events WHERE workflow_id = $1)"
+            }
+            (Store::Postgres(_), false) => {
+                "SELECT EXISTS (SELECT 1 FROM events WHERE entity_id = $1 AND entity_type = $2)"
+            }
+            (Store::Sqlite(_), true) => {
+                "SELECT EXISTS (SELECT 1 FROM events WHERE workflow_id = ?1)"
+            }
+            (Store::Sqlite(_), false) => {
+                "SELECT EXISTS (SELECT 1 FROM events WHERE entity_id = ?1 AND entity_type = ?2)"
+            }
+        };
+        let op = StoreError::query("look for an entity's events");
+        let entity_type = (!whole_workflow).then(|| key.entity_type.as_str());
+        match self {
+            Store::Postgres(s) => {
+                let mut query = sqlx::query_scalar(sql).bind(&*key.entity_id);
+                if let Some(entity_type) = entity_type {
+                    query = query.bind(entity_type);
+                }
+                query.fetch_one(s.pool()).await
+            }
+            Store::Sqlite(s) => {
+                let mut query = sqlx::query_scalar(sql).bind(&*key.entity_id);
+                if let Some(entity_type) = entity_type {
+                    query = query.bind(entity_type);
+                }
+                query.fetch_one(s.pool()).await
+            }
+        }
+        .map_err(op)
     }
 
     /// How many events of the workflow have a sequence up to `upto`.

@@ -266,6 +266,29 @@ impl Store {
         row.map(StoredRow::into_snapshot).transpose()
     }
 
+    /// Whether any snapshot of the entity is stored (no read of its state).
+    pub async fn has_snapshot(&self, key: &EntityKey) -> Result<bool, StoreError> {
+        let op = StoreError::query("look for an entity's snapshot");
+        match self {
+            Store::Postgres(s) => sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM snapshots WHERE entity_type = $1 AND entity_id = $2)",
+            )
+            .bind(key.entity_type.as_str())
+            .bind(&*key.entity_id)
+            .fetch_one(s.pool())
+            .await
+            .map_err(op),
+            Store::Sqlite(s) => sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM snapshots WHERE entity_type = ?1 AND entity_id = ?2)",
+            )
+            .bind(key.entity_type.as_str())
+            .bind(&*key.entity_id)
+            .fetch_one(s.pool())
+            .await
+            .map_err(op),
+        }
+    }
+
     /// Keep the newest `keep` snapshots of every entity (0 keeps all).
     /// Returns the number of rows deleted.
     pub async fn prune(&self, keep: u32) -> Result<u64, StoreError> {

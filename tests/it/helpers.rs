@@ -452,6 +452,18 @@ impl Daemon {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
     }
 
+    /// The daemon's peak resident memory so far (`VmHWM`), in MiB.
+    pub fn peak_rss_mib(&self) -> u64 {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status");
+        kib / 1024
+    }
+
     /// `snapshotd send [--flush] FILE` against this daemon.
     pub fn send_file(&self, file: &Path, flush: bool) -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_snapshotd"));

@@ -7,6 +7,7 @@ mod cli;
 mod crosscheck;
 mod daemon;
 mod float_repr;
+mod producers;
 mod stabilize_store;
 mod store;
 mod systemd;
