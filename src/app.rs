@@ -6,6 +6,7 @@ use crate::actors::policy::PolicyConfig;
 use crate::actors::router::{Router, RouterArgs, RouterMsg};
 use crate::actors::writer::{Writer, WriterArgs, WriterMsg};
 use crate::cli::chain;
+use crate::feed::table::{FeedHandle, TableFeed};
 use crate::model::event::Limits;
 use crate::reducer::Reducer;
 use crate::settings::{EventsTable, Settings};
@@ -66,6 +67,8 @@ pub struct App {
     writer: ActorRef<WriterMsg>,
     stop_ingest: watch::Sender<bool>,
     ingest: JoinHandle<()>,
+    /// The table feed's task, when it follows stabilize's events table.
+    feed: Option<JoinHandle<()>>,
 }
 
 impl App {
@@ -112,7 +115,7 @@ impl App {
             event_interval: settings.policy.event_interval as usize,
             time_interval: settings.policy.time_interval(),
             idle_timeout: settings.policy.idle_timeout(),
-            events_table,
+            events_table: events_table.clone(),
         });
         let (router, _) = Actor::spawn(
             None,
@@ -137,12 +140,32 @@ impl App {
             None => (bind_socket(&settings)?, false),
         };
         let (stop_ingest, stop_rx) = watch::channel(false);
+        let inflight = Arc::new(Semaphore::new(settings.socket.max_inflight_events));
+        let follow = reducer == Reducer::Stabilize
+            && settings.database.events_table == EventsTable::Auto
+            && settings.feed.table == EventsTable::Auto;
+        let (feed_handle, feed) = if follow {
+            let (handle, task) = TableFeed {
+                store: store.clone(),
+                router: router.clone(),
+                stats: stats.clone(),
+                inflight: inflight.clone(),
+                events_table: events_table.clone(),
+                settings: settings.feed.clone(),
+                reducer,
+            }
+            .spawn(stop_rx.clone());
+            (handle, Some(task))
+        } else {
+            (FeedHandle::off(), None)
+        };
         let ctx = IngestContext {
             router: router.clone(),
             writer: writer.clone(),
+            feed: feed_handle,
             store: store.clone(),
             stats: stats.clone(),
-            inflight: Arc::new(Semaphore::new(settings.socket.max_inflight_events)),
+            inflight,
             max_frame_bytes: settings.socket.max_frame_bytes,
             limits: Limits {
                 max_depth: settings.socket.max_depth,
@@ -197,6 +220,7 @@ impl App {
             writer,
             stop_ingest,
             ingest,
+            feed,
         })
     }
 
@@ -215,6 +239,11 @@ impl App {
         // Readers stop at the signal whatever their peers do.
         if tokio::time::timeout(left(), self.ingest).await.is_err() {
             tracing::warn!("Readers did not stop in time.");
+        }
+        if let Some(feed) = self.feed
+            && tokio::time::timeout(left(), feed).await.is_err()
+        {
+            tracing::warn!("The table feed did not stop in time.");
         }
         let snapshot = self.settings.shutdown.snapshot_on_shutdown;
         let drained = self

@@ -3,6 +3,7 @@
 //!
 //! * [`app`] — start (store, writer, router, socket, metrics) and ordered shutdown.
 //! * [`actors`] — ingest (socket tasks), router, policy and writer actors.
+//! * [`feed`] — the table feed: stabilize's `events` table followed in commit order.
 //! * [`model`] — snapshots, entity keys, events, canonical JSON and `state_hash` (pure).
 //! * [`reducer`] — stabilize's replay and RFC 7396 merge (pure).
 //! * [`store`] — the `snapshots` table on SQLite (default) or Postgres; stabilize's events table.
@@ -14,6 +15,8 @@
 //! ```text
 //!  producers ──NDJSON──▶ ingest: a task per connection
 //!                            │ Event (in-flight permit)
+//!  events table ──pages──▶ table feed (connection 0; catch-up wakes at start)
+//!                            │
 //!                            ▼
 //!                         Router (supervisor)
 //!                  spawn_linked │ restart after a panic, passivate when idle
@@ -27,6 +30,7 @@
 pub mod actors;
 pub mod app;
 pub mod cli;
+pub mod feed;
 pub mod model;
 pub mod reducer;
 pub mod settings;

@@ -16,6 +16,7 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 pub struct Settings {
     pub socket: SocketSettings,
     pub database: DatabaseSettings,
+    pub feed: FeedSettings,
     pub policy: PolicySettings,
     pub reducer: ReducerSettings,
     pub writer: WriterSettings,
@@ -61,6 +62,15 @@ pub struct DatabaseSettings {
 pub enum EventsTable {
     Auto,
     Off,
+}
+
+/// Following stabilize's `events` table as a durable feed.
+#[derive(Debug, Clone, Serialize)]
+pub struct FeedSettings {
+    pub table: EventsTable,
+    pub poll_interval_ms: u64,
+    pub max_poll_interval_ms: u64,
+    pub batch_size: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -241,6 +251,21 @@ impl Settings {
                 EventsTable::Auto,
             ),
         };
+        let feed = FeedSettings {
+            table: c.choice("feed.table", "\"auto\" or \"off\"", EventsTable::Auto),
+            poll_interval_ms: c.positive("feed.poll_interval_ms"),
+            max_poll_interval_ms: c.positive("feed.max_poll_interval_ms"),
+            batch_size: c.positive("feed.batch_size"),
+        };
+        if feed.max_poll_interval_ms < feed.poll_interval_ms {
+            c.problem(
+                "feed.max_poll_interval_ms",
+                format!(
+                    "{} is below feed.poll_interval_ms ({})",
+                    feed.max_poll_interval_ms, feed.poll_interval_ms
+                ),
+            );
+        }
         let policy = PolicySettings {
             event_interval: c.positive("policy.event_interval"),
             time_interval_secs: c.positive("policy.time_interval_secs"),
@@ -289,6 +314,7 @@ impl Settings {
             Ok(Settings {
                 socket,
                 database,
+                feed,
                 policy,
                 reducer,
                 writer,

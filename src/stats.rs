@@ -30,6 +30,11 @@ pub mod names {
     pub const ACTOR_RESTARTS: &str = "actor_restarts";
     pub const CONNECTIONS_UNREAD: &str = "connections_unread";
     pub const PASSIVATIONS_FOR_ROOM: &str = "passivations_for_room";
+    pub const FEED_EVENTS: &str = "feed_events";
+    pub const FEED_ERRORS: &str = "feed_errors";
+    pub const FEED_CURSOR: &str = "feed_cursor_sequence";
+    pub const FEED_BEHIND: &str = "feed_events_behind";
+    pub const FEED_LAG: &str = "feed_lag_seconds";
     pub const ACTIVE_ENTITIES: &str = "active_entities";
     pub const CONNECTIONS: &str = "connections";
     pub const WRITER_PENDING: &str = "writer_pending";
@@ -60,6 +65,15 @@ pub struct Stats {
     pub actor_restarts: Counter,
     pub connections_unread: Counter,
     pub passivations_for_room: Counter,
+    pub feed_events: Counter,
+    pub feed_errors: Counter,
+    /// Sequence of the last event the table feed read (0: not following).
+    pub feed_cursor: Gauge,
+    /// Sequences between the table's newest event and the feed's cursor.
+    pub feed_behind: Gauge,
+    /// Age of the oldest event the feed has not read yet, when it last
+    /// looked (0 when caught up).
+    pub feed_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub active_entities: Gauge,
     pub connections: Gauge,
     pub writer_pending: Gauge,
@@ -109,6 +123,11 @@ impl Default for Stats {
             actor_restarts: Counter::default(),
             connections_unread: Counter::default(),
             passivations_for_room: Counter::default(),
+            feed_events: Counter::default(),
+            feed_errors: Counter::default(),
+            feed_cursor: Gauge::default(),
+            feed_behind: Gauge::default(),
+            feed_lag: Gauge::default(),
             active_entities: Gauge::default(),
             connections: Gauge::default(),
             writer_pending: Gauge::default(),
@@ -134,7 +153,17 @@ impl Stats {
         let mut stats = Stats::default();
         let r = &mut stats.registry;
         use names::*;
-        let counters: [(&str, &str, &Counter); 12] = [
+        let counters: [(&str, &str, &Counter); 14] = [
+            (
+                FEED_EVENTS,
+                "Events read from stabilize's events table.",
+                &stats.feed_events,
+            ),
+            (
+                FEED_ERRORS,
+                "Failed reads of the events table (retried).",
+                &stats.feed_errors,
+            ),
             (
                 EVENTS_RECEIVED,
                 "Events decoded from the socket.",
@@ -204,7 +233,22 @@ impl Stats {
             "Frames refused, by kind.",
             stats.events_invalid.clone(),
         );
-        let gauges: [(&str, &str, &Gauge); 4] = [
+        r.register(
+            FEED_LAG,
+            "Age in seconds of the oldest event the table feed has not read (0 when caught up).",
+            stats.feed_lag.clone(),
+        );
+        let gauges: [(&str, &str, &Gauge); 6] = [
+            (
+                FEED_CURSOR,
+                "Sequence of the last event the table feed read.",
+                &stats.feed_cursor,
+            ),
+            (
+                FEED_BEHIND,
+                "Sequences between the events table's newest event and the feed's cursor.",
+                &stats.feed_behind,
+            ),
             (
                 ACTIVE_ENTITIES,
                 "Policy actors running.",
@@ -315,6 +359,11 @@ impl Stats {
             names::ACTOR_RESTARTS: self.actor_restarts.get(),
             names::CONNECTIONS_UNREAD: self.connections_unread.get(),
             names::PASSIVATIONS_FOR_ROOM: self.passivations_for_room.get(),
+            names::FEED_EVENTS: self.feed_events.get(),
+            names::FEED_ERRORS: self.feed_errors.get(),
+            names::FEED_CURSOR: self.feed_cursor.get(),
+            names::FEED_BEHIND: self.feed_behind.get(),
+            names::FEED_LAG: self.feed_lag.get(),
             "invalid_by_kind": by_kind,
             names::ACTIVE_ENTITIES: self.active_entities.get(),
             names::CONNECTIONS: self.connections.get(),

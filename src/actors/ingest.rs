@@ -16,6 +16,7 @@
 
 use super::router::{RouterMsg, SnapshotOutcome};
 use super::writer::WriterMsg;
+use crate::feed::table::FeedHandle;
 use crate::model::event::{Command, DecodeError, Frame, Limits, decode};
 use crate::model::{EntityKey, Snapshot};
 use crate::stats::Stats;
@@ -41,6 +42,8 @@ pub struct IngestContext {
     pub router: ActorRef<RouterMsg>,
     /// For `get`: the newest snapshot may still be pending there.
     pub writer: ActorRef<WriterMsg>,
+    /// For `sync`: the table feed.
+    pub feed: FeedHandle,
     pub store: Store,
     pub stats: Arc<Stats>,
     /// Events read but not yet handled by their policy actor.
@@ -457,6 +460,17 @@ async fn command_reply(
                         format!("unknown entity {key}: no snapshot pending or stored"),
                     ),
                     Err(error) => fail_line("get", frame, crate::cli::chain(&error)),
+                };
+                let _ = replies.send(line).await;
+                drop(slot);
+            });
+        }
+        Command::Sync => {
+            let feed = ctx.feed.clone();
+            tokio::spawn(async move {
+                let line = match feed.sync().await {
+                    Ok(()) => ok_line("sync", frame, json!({})),
+                    Err(error) => fail_line("sync", frame, error),
                 };
                 let _ = replies.send(line).await;
                 drop(slot);

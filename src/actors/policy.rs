@@ -76,6 +76,15 @@ pub enum PolicyMsg {
     CheckBase,
 }
 
+/// A snapshot to build on: the writer's pending one or the store's latest.
+struct Base {
+    state: Map<String, Value>,
+    sequence: i64,
+    version: i32,
+    workflow_id: Arc<str>,
+    created_at: chrono::DateTime<chrono::Utc>,
+}
+
 type TickTimer = tokio::task::JoinHandle<Result<(), ractor::MessagingErr<PolicyMsg>>>;
 
 /// Settings every policy actor shares.
@@ -305,12 +314,21 @@ impl PolicyState {
     async fn hydrate(&mut self, upto: i64) -> Result<(), StoreError> {
         let found = self.newest_snapshot().await?;
         let had_snapshot = found.is_some();
-        if let Some((state, sequence, version, workflow_id)) = found {
+        if let Some(Base {
+            state,
+            sequence,
+            version,
+            workflow_id,
+            created_at,
+        }) = found
+        {
             self.state = state;
             self.snap_seq = sequence;
             self.snap_version = version;
             self.workflow_id = Some(workflow_id);
-            self.last_snapshot_at = Some(Instant::now());
+            // The time threshold counts from when it was really taken: a
+            // restart does not postpone a snapshot already due.
+            self.last_snapshot_at = Some(self.instant_at(created_at));
             // Older sequences are settled by the table, or covered by it without one.
             self.forgotten_upto = sequence;
         }
@@ -327,6 +345,9 @@ impl PolicyState {
             for event in &after {
                 self.fold(event);
             }
+            if let Some(first) = after.first() {
+                self.first_pending_at = Some(self.instant_at(first.timestamp));
+            }
             if !self.window.is_empty() {
                 self.workflow_id.get_or_insert(workflow_id);
             }
@@ -337,11 +358,20 @@ impl PolicyState {
         Ok(())
     }
 
+    /// The monotonic instant of a wall-clock time in the past (clamped to
+    /// one time interval ago, which is all the time threshold needs).
+    fn instant_at(&self, at: chrono::DateTime<chrono::Utc>) -> Instant {
+        let age = (chrono::Utc::now() - at)
+            .to_std()
+            .unwrap_or_default()
+            .min(self.config().time_interval);
+        let now = Instant::now();
+        now.checked_sub(age).unwrap_or(now)
+    }
+
     /// The entity's newest snapshot: the writer's uncommitted one (newer
     /// than anything stored) or the store's verified latest.
-    async fn newest_snapshot(
-        &self,
-    ) -> Result<Option<(Map<String, Value>, i64, i32, Arc<str>)>, StoreError> {
+    async fn newest_snapshot(&self) -> Result<Option<Base>, StoreError> {
         let key = self.args.key.clone();
         let pending = self
             .args
@@ -367,7 +397,13 @@ impl PolicyState {
             };
         }
         Ok(snapshot.and_then(|s| match s.state {
-            Value::Object(state) => Some((state, s.sequence, s.version, s.workflow_id)),
+            Value::Object(state) => Some(Base {
+                state,
+                sequence: s.sequence,
+                version: s.version,
+                workflow_id: s.workflow_id,
+                created_at: s.created_at,
+            }),
             _ => None,
         }))
     }
@@ -498,9 +534,12 @@ impl PolicyState {
     async fn refold_window(&mut self, upto: i64) -> Result<(), StoreError> {
         let workflow_id = self.workflow_id();
         let (base, events) = match self.newest_snapshot().await? {
-            Some((state, sequence, version, _))
-                if sequence == self.snap_seq && version == self.snap_version =>
-            {
+            Some(Base {
+                state,
+                sequence,
+                version,
+                ..
+            }) if sequence == self.snap_seq && version == self.snap_version => {
                 let events = self
                     .args
                     .store

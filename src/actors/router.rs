@@ -47,6 +47,10 @@ pub enum RouterMsg {
         known: bool,
         reply: RpcReplyPort<SnapshotOutcome>,
     },
+    /// From the table feed catching up at start: start the entity's actor
+    /// (it hydrates and applies its thresholds at once); a later flush of
+    /// `connection` waits for it.
+    Wake { connection: u64, key: EntityKey },
     /// From a connection reader: the connection ended.
     Closed { connection: u64 },
     /// From a policy actor idle for `idle_timeout`: may it stop?
@@ -209,6 +213,14 @@ impl Actor for Router {
             }
             RouterMsg::Remaining(reply) => {
                 let _ = reply.send(state.entities.len());
+            }
+            RouterMsg::Wake { connection, key } => {
+                state
+                    .touched
+                    .entry(connection)
+                    .or_default()
+                    .insert(key.clone());
+                state.deliver(&myself, key, PolicyMsg::Tick).await;
             }
             RouterMsg::Closed { connection } => {
                 state.touched.remove(&connection);

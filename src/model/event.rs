@@ -41,6 +41,10 @@ pub enum Command {
         entity_id: String,
     },
     Stats,
+    /// Wait for the table feed: every event committed to stabilize's
+    /// `events` table before the command is folded and the snapshots it
+    /// triggered are committed.
+    Sync,
 }
 
 /// A decoded line.
@@ -67,7 +71,7 @@ pub enum DecodeError {
     Missing(&'static str),
     #[error("field `{0}` {1}")]
     Invalid(&'static str, String),
-    #[error("unknown op `{0}`: expected ping, flush, snapshot, get or stats")]
+    #[error("unknown op `{0}`: expected ping, flush, sync, snapshot, get or stats")]
     UnknownOp(String),
 }
 
@@ -158,6 +162,7 @@ fn decode_command(op: &RawValue, env: &Envelope) -> Result<Command, DecodeError>
         "ping" => Ok(Command::Ping),
         "flush" => Ok(Command::Flush),
         "stats" => Ok(Command::Stats),
+        "sync" => Ok(Command::Sync),
         "snapshot" => key(env).map(|(entity_type, entity_id)| Command::Snapshot {
             entity_type,
             entity_id,

@@ -24,18 +24,38 @@ const EVENT_COLUMNS: &[&str] = &[
     "schema_version",
 ];
 
-const PG_SELECT: &str = "SELECT sequence, event_type::text AS event_type, timestamp, \
-     entity_type::text AS entity_type, entity_id::text AS entity_id, \
-     workflow_id::text AS workflow_id, data::text AS data, schema_version::int8 AS schema_version \
-     FROM events WHERE workflow_id = $1 AND sequence > $2 AND sequence <= $3 ORDER BY sequence";
+/// The columns an [`EventRow`] is read from, on Postgres.
+macro_rules! pg_event_columns {
+    () => {
+        "sequence, event_type::text AS event_type, timestamp, \
+         entity_type::text AS entity_type, entity_id::text AS entity_id, \
+         workflow_id::text AS workflow_id, data::text AS data, schema_version::int8 AS schema_version"
+    };
+}
 
-const SQLITE_SELECT: &str = "SELECT sequence, event_type, timestamp, entity_type, entity_id, \
-     workflow_id, data, schema_version FROM events \
-     WHERE workflow_id = ?1 AND sequence > ?2 AND sequence <= ?3 ORDER BY sequence";
+/// The same on SQLite (timestamps are text there).
+macro_rules! sqlite_event_columns {
+    () => {
+        "sequence, event_type, timestamp, entity_type, entity_id, workflow_id, data, schema_version"
+    };
+}
+pub(super) use {pg_event_columns, sqlite_event_columns};
+
+const PG_SELECT: &str = concat!(
+    "SELECT ",
+    pg_event_columns!(),
+    " FROM events WHERE workflow_id = $1 AND sequence > $2 AND sequence <= $3 ORDER BY sequence"
+);
+
+const SQLITE_SELECT: &str = concat!(
+    "SELECT ",
+    sqlite_event_columns!(),
+    " FROM events WHERE workflow_id = ?1 AND sequence > ?2 AND sequence <= ?3 ORDER BY sequence"
+);
 
 /// One event row before it is trusted.
-struct EventRow {
-    sequence: i64,
+pub(super) struct EventRow {
+    pub(super) sequence: i64,
     event_type: String,
     timestamp: Result<DateTime<Utc>, String>,
     entity_type: String,
@@ -46,7 +66,37 @@ struct EventRow {
 }
 
 impl EventRow {
-    fn into_event(self, numbers: NumberForm) -> Result<Event, StoreError> {
+    /// A row of [`PG_SELECT`]'s columns.
+    pub(super) fn from_pg(r: &sqlx::postgres::PgRow) -> Result<EventRow, sqlx::Error> {
+        Ok(EventRow {
+            sequence: r.try_get("sequence")?,
+            event_type: r.try_get("event_type")?,
+            timestamp: Ok(r.try_get("timestamp")?),
+            entity_type: r.try_get("entity_type")?,
+            entity_id: r.try_get("entity_id")?,
+            workflow_id: r.try_get("workflow_id")?,
+            data: r.try_get("data")?,
+            schema_version: r.try_get("schema_version")?,
+        })
+    }
+
+    /// A row of [`SQLITE_SELECT`]'s columns (SQLite keeps timestamps as text).
+    pub(super) fn from_sqlite(r: &sqlx::sqlite::SqliteRow) -> Result<EventRow, sqlx::Error> {
+        let text: String = r.try_get("timestamp")?;
+        Ok(EventRow {
+            sequence: r.try_get("sequence")?,
+            event_type: r.try_get("event_type")?,
+            timestamp: parse_timestamp(&text)
+                .ok_or_else(|| format!("timestamp `{text}` is not ISO 8601")),
+            entity_type: r.try_get("entity_type")?,
+            entity_id: r.try_get("entity_id")?,
+            workflow_id: r.try_get("workflow_id")?,
+            data: r.try_get("data")?,
+            schema_version: r.try_get("schema_version")?,
+        })
+    }
+
+    pub(super) fn into_event(self, numbers: NumberForm) -> Result<Event, StoreError> {
         let bad = |reason: String| StoreError::Corrupt {
             key: format!("events row of workflow {}", self.workflow_id),
             version: self.sequence,
@@ -190,18 +240,7 @@ impl Store {
                 .await
                 .map_err(op)?
                 .iter()
-                .map(|r| {
-                    Ok(EventRow {
-                        sequence: r.try_get("sequence")?,
-                        event_type: r.try_get("event_type")?,
-                        timestamp: Ok(r.try_get("timestamp")?),
-                        entity_type: r.try_get("entity_type")?,
-                        entity_id: r.try_get("entity_id")?,
-                        workflow_id: r.try_get("workflow_id")?,
-                        data: r.try_get("data")?,
-                        schema_version: r.try_get("schema_version")?,
-                    })
-                })
+                .map(EventRow::from_pg)
                 .collect::<Result<_, sqlx::Error>>()
                 .map_err(StoreError::query("decode an events row"))?,
             Store::Sqlite(s) => sqlx::query(SQLITE_SELECT)
@@ -212,20 +251,7 @@ impl Store {
                 .await
                 .map_err(op)?
                 .iter()
-                .map(|r| {
-                    let text: String = r.try_get("timestamp")?;
-                    Ok(EventRow {
-                        sequence: r.try_get("sequence")?,
-                        event_type: r.try_get("event_type")?,
-                        timestamp: parse_timestamp(&text)
-                            .ok_or_else(|| format!("timestamp `{text}` is not ISO 8601")),
-                        entity_type: r.try_get("entity_type")?,
-                        entity_id: r.try_get("entity_id")?,
-                        workflow_id: r.try_get("workflow_id")?,
-                        data: r.try_get("data")?,
-                        schema_version: r.try_get("schema_version")?,
-                    })
-                })
+                .map(EventRow::from_sqlite)
                 .collect::<Result<_, sqlx::Error>>()
                 .map_err(StoreError::query("decode an events row"))?,
         };

@@ -9,6 +9,7 @@
 //! * Every statement is parameterised.
 
 mod events;
+mod feed;
 mod postgres;
 mod schema;
 mod sqlite;
@@ -21,6 +22,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use events::EventsTableWatch;
+pub use feed::{FeedCursor, FeedOrder, FeedPage};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 

@@ -21,7 +21,7 @@ fn generate(backend: &Backend, dir: &Path, workflows: u32, disorder: bool) -> st
     generate_with(backend, dir, workflows, disorder, &[])
 }
 
-fn generate_with(
+pub(crate) fn generate_with(
     backend: &Backend,
     dir: &Path,
     workflows: u32,
@@ -54,7 +54,7 @@ fn generate_with(
 }
 
 /// Every row passes stabilize's checks; at least `min_rows` rows.
-fn verify(backend: &Backend, min_rows: usize) -> serde_json::Value {
+pub(crate) fn verify(backend: &Backend, min_rows: usize) -> serde_json::Value {
     let mut args = backend.python_args();
     args.extend(["--min-rows".into(), min_rows.to_string()]);
     let out = run_python(

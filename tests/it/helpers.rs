@@ -336,6 +336,35 @@ impl Backend {
     }
 
     /// Run one SQL statement directly (tampering in tests).
+    /// Per workflow in stabilize's events table: its number of events and
+    /// the version of its latest snapshot (0 when none).
+    pub async fn coverage(&self) -> Vec<(String, i64, i64)> {
+        const SQL: &str = "SELECT e.workflow_id, count(*), coalesce((SELECT max(s.version) \
+             FROM snapshots s WHERE s.entity_type = 'workflow' AND s.entity_id = e.workflow_id), 0) \
+             FROM events e GROUP BY e.workflow_id ORDER BY e.workflow_id";
+        match self {
+            Backend::Postgres(db) => {
+                let mut conn = db.connect().await;
+                let rows: Vec<(String, i64, i32)> = sqlx::query_as(SQL)
+                    .fetch_all(&mut conn)
+                    .await
+                    .expect("read coverage");
+                rows.into_iter()
+                    .map(|(w, n, v)| (w, n, i64::from(v)))
+                    .collect()
+            }
+            Backend::Sqlite(file) => {
+                let mut conn = sqlx::SqliteConnection::connect(&file.url())
+                    .await
+                    .expect("open the SQLite file");
+                sqlx::query_as(SQL)
+                    .fetch_all(&mut conn)
+                    .await
+                    .expect("read coverage")
+            }
+        }
+    }
+
     pub async fn execute(&self, sql: &str) {
         match self {
             Backend::Postgres(db) => {

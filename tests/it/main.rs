@@ -6,6 +6,7 @@ mod canonical;
 mod cli;
 mod crosscheck;
 mod daemon;
+mod feed;
 mod float_repr;
 mod producers;
 mod stabilize_store;

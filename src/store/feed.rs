@@ -1,0 +1,402 @@
+//! The SQL of the table feed (`crate::feed::table`): reading stabilize's
+//! `events` table in commit order from a cursor, the cursor's own small
+//! table, and the catch-up question "which entities have events beyond
+//! their latest snapshot".
+
+use super::events::{EventRow, pg_event_columns, sqlite_event_columns};
+use super::{Store, StoreError};
+use crate::model::event::Event;
+use crate::model::{EntityKey, EntityType};
+use sqlx::Row;
+
+/// How the feed orders the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedOrder {
+    /// PostgreSQL with stabilize's `commit_xid` column: transaction ids
+    /// below `pg_snapshot_xmin(pg_current_snapshot())` can no longer commit,
+    /// so everything below that frontier is final (rows from before the
+    /// column existed carry NULL, read first as id 0).
+    CommitXid,
+    /// By `sequence`: SQLite (one writer at a time, so sequence order is
+    /// commit order) and PostgreSQL without `commit_xid`.
+    Sequence,
+}
+
+/// A position in the feed: every event at or before it was read.
+/// In [`FeedOrder::Sequence`] `xid` is always 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct FeedCursor {
+    pub xid: i64,
+    pub sequence: i64,
+}
+
+/// One page of the feed.
+pub struct FeedPage {
+    pub events: Vec<Event>,
+    /// Where the next page starts.
+    pub next: FeedCursor,
+    /// True when the page reached the frontier (nothing more to read now).
+    pub caught_up: bool,
+}
+
+const CURSOR_TABLE_PG: &str = "CREATE TABLE IF NOT EXISTS snapshotd_feed_cursor (\
+     name TEXT PRIMARY KEY, commit_xid BIGINT NOT NULL, sequence BIGINT NOT NULL, \
+     origin_sequence BIGINT NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT now())";
+const CURSOR_TABLE_SQLITE: &str = "CREATE TABLE IF NOT EXISTS snapshotd_feed_cursor (\
+     name TEXT PRIMARY KEY, commit_xid INTEGER NOT NULL, sequence INTEGER NOT NULL, \
+     origin_sequence INTEGER NOT NULL, updated_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)";
+
+impl Store {
+    /// The order the feed can use on this database.
+    pub async fn feed_order(&self) -> Result<FeedOrder, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(FeedOrder::Sequence),
+            Store::Postgres(s) => {
+                let has: bool = sqlx::query_scalar(
+                    "SELECT current_setting('server_version_num')::int >= 130000 AND EXISTS (\
+                     SELECT 1 FROM information_schema.columns WHERE table_name = 'events' \
+                     AND column_name = 'commit_xid' AND table_schema = current_schema())",
+                )
+                .fetch_one(s.pool())
+                .await
+                .map_err(StoreError::query("look for the events table's commit_xid"))?;
+                Ok(if has {
+                    FeedOrder::CommitXid
+                } else {
+                    FeedOrder::Sequence
+                })
+            }
+        }
+    }
+
+    /// The cursor saved under `name` and the sequence the feed started
+    /// following at (events up to it were history when it first ran), or
+    /// `None` on the first run. Creates the cursor table when missing.
+    pub async fn load_feed_cursor(
+        &self,
+        name: &str,
+    ) -> Result<Option<(FeedCursor, i64)>, StoreError> {
+        let op = StoreError::query("read the feed cursor");
+        let row = match self {
+            Store::Postgres(s) => {
+                sqlx::query(CURSOR_TABLE_PG)
+                    .execute(s.pool())
+                    .await
+                    .map_err(StoreError::query("create the feed cursor table"))?;
+                sqlx::query(
+                    "SELECT commit_xid, sequence, origin_sequence FROM snapshotd_feed_cursor WHERE name = $1",
+                )
+                .bind(name)
+                .fetch_optional(s.pool())
+                .await
+                .map_err(op)?
+                .map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1), r.get::<i64, _>(2)))
+            }
+            Store::Sqlite(s) => {
+                sqlx::query(CURSOR_TABLE_SQLITE)
+                    .execute(s.pool())
+                    .await
+                    .map_err(StoreError::query("create the feed cursor table"))?;
+                sqlx::query(
+                    "SELECT commit_xid, sequence, origin_sequence FROM snapshotd_feed_cursor WHERE name = ?1",
+                )
+                .bind(name)
+                .fetch_optional(s.pool())
+                .await
+                .map_err(op)?
+                .map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1), r.get::<i64, _>(2)))
+            }
+        };
+        Ok(row.map(|(xid, sequence, origin)| (FeedCursor { xid, sequence }, origin)))
+    }
+
+    /// Save the cursor (and, on the first save, the origin).
+    pub async fn save_feed_cursor(
+        &self,
+        name: &str,
+        cursor: FeedCursor,
+        origin_sequence: i64,
+    ) -> Result<(), StoreError> {
+        let op = StoreError::query("save the feed cursor");
+        match self {
+            Store::Postgres(s) => sqlx::query(
+                "INSERT INTO snapshotd_feed_cursor (name, commit_xid, sequence, origin_sequence) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO UPDATE SET \
+                 commit_xid = EXCLUDED.commit_xid, sequence = EXCLUDED.sequence, updated_at = now()",
+            )
+            .bind(name)
+            .bind(cursor.xid)
+            .bind(cursor.sequence)
+            .bind(origin_sequence)
+            .execute(s.pool())
+            .await
+            .map(|_| ())
+            .map_err(op),
+            Store::Sqlite(s) => sqlx::query(
+                "INSERT INTO snapshotd_feed_cursor (name, commit_xid, sequence, origin_sequence) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (name) DO UPDATE SET \
+                 commit_xid = excluded.commit_xid, sequence = excluded.sequence, \
+                 updated_at = CURRENT_TIMESTAMP",
+            )
+            .bind(name)
+            .bind(cursor.xid)
+            .bind(cursor.sequence)
+            .bind(origin_sequence)
+            .execute(s.pool())
+            .await
+            .map(|_| ())
+            .map_err(op),
+        }
+    }
+
+    /// Where the table ends now: the commit frontier (`CommitXid`: the
+    /// oldest transaction still running; everything below it is final) or
+    /// the highest sequence. A cursor here reads only what comes next.
+    pub async fn feed_end(&self, order: FeedOrder) -> Result<FeedCursor, StoreError> {
+        let op = StoreError::query("read where the events table ends");
+        match (self, order) {
+            (Store::Postgres(s), FeedOrder::CommitXid) => {
+                let xmin: String =
+                    sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+                        .fetch_one(s.pool())
+                        .await
+                        .map_err(op)?;
+                Ok(FeedCursor {
+                    xid: parse_xid(&xmin)?,
+                    sequence: i64::MIN,
+                })
+            }
+            _ => Ok(FeedCursor {
+                xid: 0,
+                sequence: self.max_event_sequence().await?,
+            }),
+        }
+    }
+
+    /// The target a `sync` waits for: once the feed's cursor reaches it,
+    /// every event committed before the call has been read. (`CommitXid`:
+    /// every transaction that had started is finished; `Sequence`: the
+    /// highest sequence.)
+    pub async fn feed_sync_target(&self, order: FeedOrder) -> Result<FeedCursor, StoreError> {
+        match (self, order) {
+            (Store::Postgres(s), FeedOrder::CommitXid) => {
+                let xmax: String =
+                    sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+                        .fetch_one(s.pool())
+                        .await
+                        .map_err(StoreError::query("read the commit frontier"))?;
+                Ok(FeedCursor {
+                    xid: parse_xid(&xmax)?,
+                    sequence: i64::MIN,
+                })
+            }
+            _ => self.feed_end(order).await,
+        }
+    }
+
+    /// The highest sequence in the events table (0 when empty).
+    pub async fn max_event_sequence(&self) -> Result<i64, StoreError> {
+        let op = StoreError::query("read the highest event sequence");
+        match self {
+            Store::Postgres(s) => {
+                sqlx::query_scalar("SELECT coalesce(max(sequence), 0)::int8 FROM events")
+                    .fetch_one(s.pool())
+                    .await
+            }
+            Store::Sqlite(s) => {
+                sqlx::query_scalar("SELECT coalesce(max(sequence), 0) FROM events")
+                    .fetch_one(s.pool())
+                    .await
+            }
+        }
+        .map_err(op)
+    }
+
+    /// Up to `limit` events after `cursor`, in feed order, stopping at the
+    /// commit frontier.
+    pub async fn feed_page(
+        &self,
+        order: FeedOrder,
+        cursor: FeedCursor,
+        limit: i64,
+    ) -> Result<FeedPage, StoreError> {
+        let op = StoreError::query("read the events table");
+        let decode = StoreError::query("decode an events row");
+        let numbers = self.number_form();
+        let (rows, next_if_short): (Vec<(i64, EventRow)>, FeedCursor) = match (self, order) {
+            (Store::Postgres(s), FeedOrder::CommitXid) if cursor.xid == 0 => {
+                // Rows from before `commit_xid` existed (NULL), by sequence.
+                let rows = sqlx::query(concat!(
+                    "SELECT ",
+                    pg_event_columns!(),
+                    " FROM events WHERE commit_xid IS NULL AND sequence > $1 \
+                     ORDER BY sequence LIMIT $2"
+                ))
+                .bind(cursor.sequence)
+                .bind(limit)
+                .fetch_all(s.pool())
+                .await
+                .map_err(op)?;
+                let rows = rows
+                    .iter()
+                    .map(|r| EventRow::from_pg(r).map(|row| (0, row)))
+                    .collect::<Result<_, _>>()
+                    .map_err(decode)?;
+                // Then the first real transaction id.
+                (
+                    rows,
+                    FeedCursor {
+                        xid: 1,
+                        sequence: i64::MIN,
+                    },
+                )
+            }
+            (Store::Postgres(s), FeedOrder::CommitXid) => {
+                let frontier = self.feed_end(order).await?;
+                let rows = sqlx::query(concat!(
+                    "SELECT commit_xid::text AS xid, ",
+                    pg_event_columns!(),
+                    " FROM events WHERE (commit_xid, sequence) > ($1::text::xid8, $2) \
+                     AND commit_xid < $3::text::xid8 ORDER BY commit_xid, sequence LIMIT $4"
+                ))
+                .bind(cursor.xid.to_string())
+                .bind(cursor.sequence)
+                .bind(frontier.xid.to_string())
+                .bind(limit)
+                .fetch_all(s.pool())
+                .await
+                .map_err(op)?;
+                let mut out = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    let xid: String = r
+                        .try_get("xid")
+                        .map_err(StoreError::query("decode an events row"))?;
+                    let row =
+                        EventRow::from_pg(r).map_err(StoreError::query("decode an events row"))?;
+                    out.push((parse_xid(&xid)?, row));
+                }
+                (out, frontier)
+            }
+            (Store::Postgres(s), FeedOrder::Sequence) => {
+                let rows = sqlx::query(concat!(
+                    "SELECT ",
+                    pg_event_columns!(),
+                    " FROM events WHERE sequence > $1 ORDER BY sequence LIMIT $2"
+                ))
+                .bind(cursor.sequence)
+                .bind(limit)
+                .fetch_all(s.pool())
+                .await
+                .map_err(op)?;
+                let rows = rows
+                    .iter()
+                    .map(|r| EventRow::from_pg(r).map(|row| (0, row)))
+                    .collect::<Result<_, _>>()
+                    .map_err(decode)?;
+                (rows, cursor)
+            }
+            (Store::Sqlite(s), _) => {
+                let rows = sqlx::query(concat!(
+                    "SELECT ",
+                    sqlite_event_columns!(),
+                    " FROM events WHERE sequence > ?1 ORDER BY sequence LIMIT ?2"
+                ))
+                .bind(cursor.sequence)
+                .bind(limit)
+                .fetch_all(s.pool())
+                .await
+                .map_err(op)?;
+                let rows = rows
+                    .iter()
+                    .map(|r| EventRow::from_sqlite(r).map(|row| (0, row)))
+                    .collect::<Result<_, _>>()
+                    .map_err(decode)?;
+                (rows, cursor)
+            }
+        };
+        let caught_up = (rows.len() as i64) < limit;
+        let mut next = match rows.last() {
+            Some((xid, row)) => FeedCursor {
+                xid: *xid,
+                sequence: row.sequence,
+            },
+            None => cursor,
+        };
+        if caught_up && next_if_short > next {
+            next = next_if_short;
+        }
+        let events = rows
+            .into_iter()
+            .map(|(_, row)| row.into_event(numbers))
+            .collect::<Result<_, _>>()?;
+        Ok(FeedPage {
+            events,
+            next,
+            caught_up,
+        })
+    }
+
+    /// Entities with events after `after_sequence` and beyond their latest
+    /// snapshot: what a restart must look at again. Whole workflows when
+    /// `by_workflow` (the stabilize reducer), else single entities.
+    pub async fn uncovered_entities(
+        &self,
+        after_sequence: i64,
+        by_workflow: bool,
+    ) -> Result<Vec<EntityKey>, StoreError> {
+        let op = StoreError::query("find entities with events beyond their snapshot");
+        let sql = match (self, by_workflow) {
+            (Store::Postgres(_), true) => {
+                "SELECT 'workflow' AS entity_type, e.workflow_id::text AS entity_id FROM events e \
+                 WHERE e.sequence > $1 GROUP BY e.workflow_id HAVING max(e.sequence) > coalesce(\
+                 (SELECT max(s.sequence) FROM snapshots s WHERE s.entity_type = 'workflow' \
+                 AND s.entity_id = e.workflow_id), 0)"
+            }
+            (Store::Postgres(_), false) => {
+                "SELECT e.entity_type::text AS entity_type, e.entity_id::text AS entity_id \
+                 FROM events e WHERE e.sequence > $1 GROUP BY e.entity_type, e.entity_id \
+                 HAVING max(e.sequence) > coalesce((SELECT max(s.sequence) FROM snapshots s \
+                 WHERE s.entity_type = e.entity_type AND s.entity_id = e.entity_id), 0)"
+            }
+            (Store::Sqlite(_), true) => {
+                "SELECT 'workflow' AS entity_type, e.workflow_id AS entity_id FROM events e \
+                 WHERE e.sequence > ?1 GROUP BY e.workflow_id HAVING max(e.sequence) > coalesce(\
+                 (SELECT max(s.sequence) FROM snapshots s WHERE s.entity_type = 'workflow' \
+                 AND s.entity_id = e.workflow_id), 0)"
+            }
+            (Store::Sqlite(_), false) => {
+                "SELECT e.entity_type AS entity_type, e.entity_id AS entity_id \
+                 FROM events e WHERE e.sequence > ?1 GROUP BY e.entity_type, e.entity_id \
+                 HAVING max(e.sequence) > coalesce((SELECT max(s.sequence) FROM snapshots s \
+                 WHERE s.entity_type = e.entity_type AND s.entity_id = e.entity_id), 0)"
+            }
+        };
+        let pairs: Vec<(String, String)> = match self {
+            Store::Postgres(s) => sqlx::query_as(sql)
+                .bind(after_sequence)
+                .fetch_all(s.pool())
+                .await
+                .map_err(op)?,
+            Store::Sqlite(s) => sqlx::query_as(sql)
+                .bind(after_sequence)
+                .fetch_all(s.pool())
+                .await
+                .map_err(op)?,
+        };
+        Ok(pairs
+            .into_iter()
+            .filter_map(|(entity_type, entity_id)| {
+                let entity_type: EntityType = entity_type.parse().ok()?;
+                Some(EntityKey::new(entity_type, entity_id))
+            })
+            .collect())
+    }
+}
+
+fn parse_xid(text: &str) -> Result<i64, StoreError> {
+    text.parse().map_err(|_| StoreError::Corrupt {
+        key: "the commit frontier".into(),
+        version: 0,
+        reason: format!("`{text}` is not a transaction id"),
+    })
+}
