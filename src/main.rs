@@ -40,6 +40,14 @@ enum Command {
         /// NDJSON file; `-` or nothing reads stdin.
         file: Option<PathBuf>,
     },
+    /// Print the running daemon's stats; non-zero when it does not answer.
+    Status {
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// The stats as one JSON object, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print an entity's latest verified snapshot as JSON.
     Get {
         #[arg(long, value_name = "URL")]
@@ -98,6 +106,9 @@ fn run(args: Args) -> Result<(), CommandError> {
     }
     if let Command::Send {
         socket: Some(path), ..
+    }
+    | Command::Status {
+        socket: Some(path), ..
     } = &command
     {
         sources
@@ -122,6 +133,7 @@ fn run(args: Args) -> Result<(), CommandError> {
             Command::Send { file, flush, .. } => {
                 cli::send(&settings.socket.path, file.as_deref(), flush).await
             }
+            Command::Status { json, .. } => cli::status(&settings.socket.path, json).await,
             Command::Get {
                 entity_type,
                 entity_id,

@@ -107,3 +107,37 @@ fn a_bad_configuration_names_every_bad_key() {
     );
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
 }
+
+#[test]
+fn status_prints_the_daemons_stats_and_fails_when_nobody_answers() {
+    let backend = Backend::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = crate::helpers::Daemon::start(dir.path(), &backend.url(), "");
+    let socket = daemon.socket.display().to_string();
+
+    let table = snapshotd(&["status", "--socket", &socket]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.status.success(),
+        "{}",
+        String::from_utf8_lossy(&table.stderr)
+    );
+    assert!(
+        text.contains("table feed\n") && text.contains("  events_received "),
+        "{text}"
+    );
+
+    let json_out = snapshotd(&["status", "--json", "--socket", &socket]);
+    assert!(json_out.status.success());
+    let stats: serde_json::Value = serde_json::from_slice(&json_out.stdout).expect("JSON");
+    assert_eq!(stats["store_up"], true, "{stats}");
+
+    let nobody = dir.path().join("nobody.sock").display().to_string();
+    let down = snapshotd(&["status", "--socket", &nobody]);
+    assert!(!down.status.success());
+    let error = String::from_utf8_lossy(&down.stderr);
+    assert!(
+        error.contains("is not answering") && error.contains("nobody.sock"),
+        "{error}"
+    );
+}

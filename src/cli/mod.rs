@@ -240,3 +240,6 @@ pub async fn send(
     }
     Ok(())
 }
+
+mod status;
+pub use status::status;
