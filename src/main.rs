@@ -56,6 +56,21 @@ enum Command {
         entity_type: String,
         entity_id: String,
     },
+    /// Snapshot existing history from stabilize's events table.
+    Backfill {
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
+        /// Only this workflow (repeatable); default: every workflow with
+        /// events beyond its latest snapshot.
+        #[arg(long = "workflow", value_name = "ID")]
+        workflows: Vec<String>,
+        /// Only workflows with events after this sequence.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        since_sequence: i64,
+        /// Also write the snapshots at every N-th event.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        every: Option<u32>,
+    },
     /// Recompute every stored hash; non-zero exit on any mismatch.
     Verify {
         #[arg(long, value_name = "URL")]
@@ -100,6 +115,10 @@ fn run(args: Args) -> Result<(), CommandError> {
     }
     | Command::Migrate {
         database_url: Some(url),
+    }
+    | Command::Backfill {
+        database_url: Some(url),
+        ..
     } = &command
     {
         sources.overrides.push(("database.url".into(), url.clone()));
@@ -140,6 +159,21 @@ fn run(args: Args) -> Result<(), CommandError> {
                 ..
             } => cli::get(&settings, &entity_type, &entity_id).await,
             Command::Verify { .. } => cli::verify(&settings).await,
+            Command::Backfill {
+                workflows,
+                since_sequence,
+                every,
+                ..
+            } => cli::backfill(
+                &settings,
+                &cli::BackfillOptions {
+                    workflows,
+                    since_sequence,
+                    every,
+                },
+            )
+            .await
+            .map(|_| ()),
             Command::Migrate { .. } => cli::migrate(&settings).await,
             Command::Config { .. } => unreachable!("handled above"),
         }

@@ -243,3 +243,6 @@ pub async fn send(
 
 mod status;
 pub use status::status;
+
+mod backfill;
+pub use backfill::{BackfillOptions, BackfillSummary, backfill, fold_history};

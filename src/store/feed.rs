@@ -400,3 +400,106 @@ fn parse_xid(text: &str) -> Result<i64, StoreError> {
         reason: format!("`{text}` is not a transaction id"),
     })
 }
+
+impl Store {
+    /// Backfill's plan: every workflow with events after `after_sequence`
+    /// beyond its latest snapshot, with how many events it has after that
+    /// snapshot (what folding it will read). Limited to `only` when given.
+    pub async fn backfill_plan(
+        &self,
+        after_sequence: i64,
+        only: &[String],
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let op = StoreError::query("plan the backfill");
+        // Events beyond the workflow's latest snapshot, per workflow.
+        const PG: &str = "WITH last AS (SELECT entity_id, max(sequence) AS seq FROM snapshots \
+             WHERE entity_type = 'workflow' GROUP BY entity_id) \
+             SELECT e.workflow_id::text, count(*) FILTER (WHERE e.sequence > coalesce(l.seq, 0)) \
+             FROM events e LEFT JOIN last l ON l.entity_id = e.workflow_id \
+             WHERE e.workflow_id IN (SELECT workflow_id FROM events WHERE sequence > $1) \
+             AND (cardinality($2::text[]) = 0 OR e.workflow_id = ANY($2)) \
+             GROUP BY e.workflow_id HAVING max(e.sequence) > coalesce(max(l.seq), 0) \
+             ORDER BY e.workflow_id";
+        const SQLITE: &str = "WITH last AS (SELECT entity_id, max(sequence) AS seq FROM snapshots \
+             WHERE entity_type = 'workflow' GROUP BY entity_id) \
+             SELECT e.workflow_id, sum(e.sequence > coalesce(l.seq, 0)) \
+             FROM events e LEFT JOIN last l ON l.entity_id = e.workflow_id \
+             WHERE e.workflow_id IN (SELECT workflow_id FROM events WHERE sequence > ?1) \
+             AND (json_array_length(?2) = 0 OR e.workflow_id IN (SELECT value FROM json_each(?2))) \
+             GROUP BY e.workflow_id HAVING max(e.sequence) > coalesce(max(l.seq), 0) \
+             ORDER BY e.workflow_id";
+        match self {
+            Store::Postgres(s) => sqlx::query_as(PG)
+                .bind(after_sequence)
+                .bind(only)
+                .fetch_all(s.pool())
+                .await
+                .map_err(op),
+            Store::Sqlite(s) => sqlx::query_as(SQLITE)
+                .bind(after_sequence)
+                .bind(serde_json::to_string(only).expect("ids serialise"))
+                .fetch_all(s.pool())
+                .await
+                .map_err(op),
+        }
+    }
+
+    /// Every event of these workflows after `after` (per workflow), in
+    /// (workflow, sequence) order.
+    pub async fn events_of_workflows(
+        &self,
+        workflows: &[(String, i64)],
+    ) -> Result<Vec<Event>, StoreError> {
+        let op = StoreError::query("read the workflows' events");
+        let decode = StoreError::query("decode an events row");
+        let ids: Vec<&str> = workflows.iter().map(|(id, _)| id.as_str()).collect();
+        let afters: Vec<i64> = workflows.iter().map(|(_, after)| *after).collect();
+        let numbers = self.number_form();
+        let rows: Vec<EventRow> = match self {
+            Store::Postgres(s) => sqlx::query(concat!(
+                "SELECT ",
+                pg_event_columns!(),
+                " FROM events e JOIN UNNEST($1::text[], $2::int8[]) AS w(id, after) \
+                 ON e.workflow_id = w.id AND e.sequence > w.after \
+                 ORDER BY e.workflow_id, e.sequence"
+            ))
+            .bind(&ids)
+            .bind(&afters)
+            .fetch_all(s.pool())
+            .await
+            .map_err(op)?
+            .iter()
+            .map(EventRow::from_pg)
+            .collect::<Result<_, _>>()
+            .map_err(decode)?,
+            Store::Sqlite(s) => {
+                let pairs = serde_json::to_string(
+                    &workflows
+                        .iter()
+                        .map(|(id, after)| serde_json::json!([id, after]))
+                        .collect::<Vec<_>>(),
+                )
+                .expect("ids serialise");
+                sqlx::query(concat!(
+                    "SELECT ",
+                    sqlite_event_columns!(),
+                    " FROM events e JOIN (SELECT json_extract(value, '$[0]') AS id, \
+                     json_extract(value, '$[1]') AS after FROM json_each(?1)) w \
+                     ON e.workflow_id = w.id AND e.sequence > w.after \
+                     ORDER BY e.workflow_id, e.sequence"
+                ))
+                .bind(pairs)
+                .fetch_all(s.pool())
+                .await
+                .map_err(op)?
+                .iter()
+                .map(EventRow::from_sqlite)
+                .collect::<Result<_, _>>()
+                .map_err(decode)?
+            }
+        };
+        rows.into_iter()
+            .map(|row| row.into_event(numbers))
+            .collect()
+    }
+}

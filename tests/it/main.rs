@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod backfill;
 mod canonical;
 mod cli;
 mod crosscheck;

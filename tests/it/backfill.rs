@@ -1,0 +1,141 @@
+//! `snapshotd backfill` on history stabilize wrote before the daemon
+//! existed: exact snapshots, `--every`, and an interrupted run resumed.
+
+use crate::crosscheck::{generate_with, verify};
+use crate::helpers::Backend;
+use std::process::{Command, Output, Stdio};
+
+fn backfill(backend: &Backend, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_snapshotd"))
+        .args(["backfill", "--database-url", &backend.url()])
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run snapshotd backfill")
+}
+
+/// The numbers in the `backfill: done: W workflows, E events ..., S snapshots written` line.
+fn done_line(out: &Output) -> (u64, u64, u64) {
+    let text = String::from_utf8_lossy(&out.stderr);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("backfill: done: "))
+        .unwrap_or_else(|| panic!("no summary line in:\n{text}"));
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit() && c != '.')
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (numbers[0], numbers[1], *numbers.last().unwrap())
+}
+
+async fn assert_all_covered(backend: &Backend) {
+    for (workflow, events, version) in backend.coverage().await {
+        assert_eq!(events, version, "{workflow}");
+    }
+}
+
+async fn history_is_backfilled(backend: Backend, every: Option<&str>) {
+    let dir = tempfile::tempdir().unwrap();
+    generate_with(&backend, dir.path(), 150, false, &[]);
+    let mut args = vec![];
+    if let Some(n) = every {
+        args.extend(["--every", n]);
+    }
+    let out = backfill(&backend, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (workflows, events, snapshots) = done_line(&out);
+    assert_eq!(workflows, 150);
+    assert!(events > 1500, "{events} events");
+    assert_all_covered(&backend).await;
+    let rows = verify(&backend, 150)["rows"].as_u64().unwrap();
+    assert_eq!(rows, snapshots);
+    if every.is_some() {
+        assert!(rows > 3 * 150, "only {rows} rows with --every");
+    }
+    // Nothing is left to do: a second run reads and writes nothing.
+    let again = backfill(&backend, &args);
+    assert!(again.status.success());
+    assert_eq!(done_line(&again), (0, 0, 0));
+}
+
+#[tokio::test]
+async fn history_written_before_the_daemon_is_backfilled_on_postgres() {
+    history_is_backfilled(Backend::postgres().await, None).await;
+}
+
+#[tokio::test]
+async fn history_is_backfilled_with_every_nth_snapshot_on_sqlite() {
+    history_is_backfilled(Backend::sqlite(), Some("4")).await;
+}
+
+#[tokio::test]
+async fn history_is_backfilled_with_every_nth_snapshot_on_postgres() {
+    history_is_backfilled(Backend::postgres().await, Some("4")).await;
+}
+
+#[tokio::test]
+async fn an_interrupted_backfill_resumes_without_redoing_finished_workflows() {
+    let backend = Backend::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    generate_with(&backend, dir.path(), 1200, false, &[]);
+    let child = Command::new(env!("CARGO_BIN_EXE_snapshotd"))
+        .args(["backfill", "--database-url", &backend.url()])
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the first batch (500 workflows) is committed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let covered = backend
+            .coverage()
+            .await
+            .iter()
+            .filter(|(_, events, version)| events == version)
+            .count();
+        if covered >= 500 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first batch never landed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let first = child.wait_with_output().unwrap();
+    let first_rows = backend
+        .coverage()
+        .await
+        .iter()
+        .filter(|(_, events, version)| events == version)
+        .count() as u64;
+    assert!(
+        String::from_utf8_lossy(&first.stderr).contains("backfill: 1200 workflows"),
+        "no progress output: {}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+
+    let second = backfill(&backend, &[]);
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let (workflows, _, snapshots) = done_line(&second);
+    // Only what the first run had not committed is done again.
+    assert_eq!(
+        workflows,
+        1200 - first_rows,
+        "first run covered {first_rows}"
+    );
+    assert_eq!(snapshots, workflows);
+    assert_all_covered(&backend).await;
+    verify(&backend, 1200);
+}
