@@ -31,6 +31,13 @@ Counters: ``dropped`` (buffer full), ``received`` (events handed to the
 handler), ``rejected`` (error replies naming one of our frames) and
 ``connections`` (successful connects, reconnects included).
 
+With ``durable=True`` every flush the forwarder sends is
+``{"op":"flush","snapshot":true}``: snapshotd answers it only once every
+entity touched before it is snapshotted and committed, so lines are kept
+until they survive even a ``kill -9`` of the daemon. Use it when snapshotd
+does not share stabilize's database (socket only); with a shared database
+the events table already recovers everything, and a plain flush is cheaper.
+
 Call ``install`` *after* ``configure_event_sourcing``: that call replaces
 stabilize's global bus, and a forwarder subscribed to the old one hears nothing.
 """
@@ -48,15 +55,21 @@ from typing import Any
 
 log = logging.getLogger("snapshotd.forwarder")
 FLUSH = b'{"op":"flush"}\n'
+# A barrier that survives a crash of the daemon: answered once every entity
+# touched before it is snapshotted and committed.
+DURABLE_FLUSH = b'{"op":"flush","snapshot":true}\n'
 
 
 class SnapshotdForwarder:
     """Buffered, reconnecting, at-least-once NDJSON writer to snapshotd's socket."""
 
     def __init__(self, socket_path: str | None = None, max_buffer: int = 10_000,
-                 max_backoff: float = 5.0, flush_every: int = 500) -> None:
+                 max_backoff: float = 5.0, flush_every: int = 500, durable: bool = False) -> None:
         self.socket_path = socket_path or os.environ.get("SNAPSHOTD_SOCKET__PATH", "./snapshotd.sock")
         self.max_buffer, self.max_backoff, self.flush_every = max_buffer, max_backoff, flush_every
+        # Socket-only deployments (no shared database) keep lines until a
+        # durable flush confirms them: a plain flush only says "folded".
+        self._flush_line = DURABLE_FLUSH if durable else FLUSH
         self.dropped = 0      # events dropped because the buffer was full
         self.received = 0     # events handed to handle() with a store sequence
         self.rejected = 0     # error replies from snapshotd naming one of our frames
@@ -97,7 +110,7 @@ class SnapshotdForwarder:
         """Send a ``flush`` barrier; True once snapshotd confirms everything sent before it."""
         done = threading.Event()
         with self._cv:
-            self._buf.append((FLUSH, done, True))
+            self._buf.append((self._flush_line, done, True))
             self._cv.notify_all()
         return done.wait(timeout)
 
@@ -150,7 +163,7 @@ class SnapshotdForwarder:
                     if self._unacked:
                         log.warning("Closed with %d sent lines unconfirmed.", len(self._unacked))
                     return
-                redo = [(line, None, False) for _, line in self._unacked] + [(FLUSH, w, True) for _, w in self._marks]
+                redo = [(line, None, False) for _, line in self._unacked] + [(self._flush_line, w, True) for _, w in self._marks]
                 self._buf.extendleft(reversed(redo))
                 self._unacked.clear()
                 self._marks.clear()
@@ -186,7 +199,7 @@ class SnapshotdForwarder:
                         # Too much unconfirmed: wait for a flush reply instead of
                         # forgetting lines (the buffer absorbs new events meanwhile).
                         if not self._marks:
-                            batch = [(FLUSH, None, True)]
+                            batch = [(self._flush_line, None, True)]
                             break
                         self._cv.wait(1.0)
                         continue
@@ -200,7 +213,7 @@ class SnapshotdForwarder:
                             and time.monotonic() - self._flush_sent >= 1.0):
                         # A quiet second: confirm what was sent (a newer flush also
                         # answers one whose reply was refused or never came).
-                        self._buf.append((FLUSH, None, True))
+                        self._buf.append((self._flush_line, None, True))
                 out: list[bytes] = []
                 for line, waiter, control in batch:
                     out.append(line)
@@ -213,7 +226,7 @@ class SnapshotdForwarder:
                         self._since_mark += 1
                         if self._since_mark >= self.flush_every:
                             self._frame += 1
-                            out.append(FLUSH)
+                            out.append(self._flush_line)
                             self._marks.append((self._frame, None))
                             self._since_mark, self._flush_sent = 0, time.monotonic()
             try:

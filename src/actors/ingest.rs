@@ -391,12 +391,13 @@ async fn command_reply(
     let slot = conn.command_slot().await?;
     let replies = conn.replies.clone();
     match command {
-        Command::Flush => {
+        Command::Flush { snapshot } => {
             // Sent now, in frame order: behind this connection's events and
             // ahead of its `Closed`; only the wait happens in a task.
             let (reply, done) = ractor::concurrency::oneshot();
             let sent = ctx.router.cast(RouterMsg::Flush {
                 connection: conn.id,
+                snapshot,
                 reply: reply.into(),
             });
             tokio::spawn(async move {

@@ -29,9 +29,11 @@ pub enum RouterMsg {
     },
     /// From a connection reader (`flush`): reply once every event this
     /// connection sent before is folded and the snapshots they triggered
-    /// are committed.
+    /// are committed; with `snapshot`, once every entity they touched is
+    /// snapshotted and committed (a barrier that survives `kill -9`).
     Flush {
         connection: u64,
+        snapshot: bool,
         reply: RpcReplyPort<()>,
     },
     /// From a connection reader (`snapshot`): snapshot the entity now and
@@ -166,18 +168,35 @@ impl Actor for Router {
                     .deliver(&myself, key, PolicyMsg::Event(event, permit))
                     .await;
             }
-            RouterMsg::Flush { connection, reply } => {
+            RouterMsg::Flush {
+                connection,
+                snapshot,
+                reply,
+            } => {
                 let keys = state.touched.remove(&connection).unwrap_or_default();
                 let mut barriers = Vec::with_capacity(keys.len());
+                let mut forced = Vec::new();
                 for key in keys {
-                    let (tx, rx) = ractor::concurrency::oneshot();
-                    state.barrier(&myself, key, tx.into()).await;
-                    barriers.push(rx);
+                    if snapshot && matches!(state.entities.get(&key), Some(Entry::Running { .. })) {
+                        let (tx, rx) = ractor::concurrency::oneshot();
+                        state
+                            .deliver(&myself, key, PolicyMsg::ForceSnapshot(tx.into()))
+                            .await;
+                        forced.push(rx);
+                    } else {
+                        // Stopping or passivated: its snapshot is with the writer.
+                        let (tx, rx) = ractor::concurrency::oneshot();
+                        state.barrier(&myself, key, tx.into()).await;
+                        barriers.push(rx);
+                    }
                 }
                 let writer = state.args.writer.clone();
                 tokio::spawn(async move {
                     for barrier in barriers {
                         let _ = barrier.await;
+                    }
+                    for taken in forced {
+                        let _ = taken.await;
                     }
                     if let Ok(ractor::rpc::CallResult::Success(())) =
                         writer.call(WriterMsg::Flush, None).await

@@ -365,6 +365,7 @@ impl Follower {
         let (reply, flushed) = ractor::concurrency::oneshot();
         let sent = feed.router.cast(RouterMsg::Flush {
             connection: FEED_CONNECTION,
+            snapshot: false,
             reply: reply.into(),
         });
         tokio::spawn(async move {

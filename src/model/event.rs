@@ -31,7 +31,12 @@ pub struct Event {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     Ping,
-    Flush,
+    /// Answer once every event sent before on this connection is folded and
+    /// the snapshots it triggered are committed; with `snapshot`, once every
+    /// entity those events touched is snapshotted and committed (durable).
+    Flush {
+        snapshot: bool,
+    },
     Snapshot {
         entity_type: EntityType,
         entity_id: String,
@@ -125,6 +130,9 @@ struct Envelope<'a> {
     metadata: Option<&'a RawValue>,
     #[serde(borrow)]
     version: Option<&'a RawValue>,
+    /// `flush` only: snapshot every entity touched before answering.
+    #[serde(borrow)]
+    snapshot: Option<&'a RawValue>,
     #[serde(borrow)]
     event_id: Option<&'a RawValue>,
     // Other keys are carried, not interpreted: ignored here.
@@ -160,7 +168,19 @@ fn decode_command(op: &RawValue, env: &Envelope) -> Result<Command, DecodeError>
     };
     match op.as_str() {
         "ping" => Ok(Command::Ping),
-        "flush" => Ok(Command::Flush),
+        "flush" => {
+            let snapshot = match env.snapshot.map(|raw| raw.get()) {
+                None | Some("false") | Some("null") => false,
+                Some("true") => true,
+                Some(_) => {
+                    return Err(DecodeError::Invalid(
+                        "snapshot",
+                        "must be true or false".into(),
+                    ));
+                }
+            };
+            Ok(Command::Flush { snapshot })
+        }
         "stats" => Ok(Command::Stats),
         "sync" => Ok(Command::Sync),
         "snapshot" => key(env).map(|(entity_type, entity_id)| Command::Snapshot {

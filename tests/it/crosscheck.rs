@@ -223,3 +223,97 @@ async fn events_forwarded_live_from_stabilizes_bus_give_exact_snapshots_on_postg
 async fn events_forwarded_live_from_stabilizes_bus_give_exact_snapshots_on_sqlite() {
     forwarded_live(Backend::sqlite()).await;
 }
+
+/// Socket only, no shared database: stabilize keeps its events in its own
+/// SQLite file, the daemon its snapshots in another. The forwarder's
+/// flushes are durable (`"snapshot": true`), so a `kill -9` of the daemon
+/// mid-stream loses nothing: what was not yet confirmed is sent again.
+#[tokio::test]
+async fn a_durable_forwarder_loses_nothing_to_kill_9_without_a_shared_database() {
+    use sqlx::Connection;
+    let stabilize = Backend::sqlite();
+    let daemon_db = Backend::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(dir.path(), &daemon_db.url(), BATCHED);
+    let mut args = stabilize.python_args();
+    args.extend([
+        "--socket".into(),
+        daemon.socket.display().to_string(),
+        "--workflows".into(),
+        "300".into(),
+        "--seed".into(),
+        "5".into(),
+        "--threads".into(),
+        "1".into(),
+        "--publish-delay".into(),
+        "0".into(),
+        "--durable".into(),
+    ]);
+    let run = std::process::Command::new(crate::helpers::python())
+        .arg(crate::helpers::repo().join("tests/python/forward_workflows.py"))
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Crash the daemon once it has taken part of the stream.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let stats = daemon.command(serde_json::json!({"op": "stats"}))["stats"].clone();
+        if stats["events_received"].as_u64().unwrap_or(0) > 1500 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream never started: {stats}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    daemon.kill();
+    daemon.restart();
+    let out = run.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log()
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(summary["dropped"], 0, "{summary}");
+    assert!(
+        daemon.log().contains("Listening"),
+        "the daemon did not come back"
+    );
+
+    // Check the daemon's rows against stabilize's own events: copy them
+    // beside the events table and run stabilize's verifier there.
+    let Backend::Sqlite(file) = &daemon_db else {
+        unreachable!()
+    };
+    let Backend::Sqlite(events_file) = &stabilize else {
+        unreachable!()
+    };
+    let mut conn = sqlx::SqliteConnection::connect(&events_file.url())
+        .await
+        .unwrap();
+    for sql in [
+        format!("ATTACH DATABASE '{}' AS d", file.path.display()),
+        "DELETE FROM snapshots".to_string(),
+        "INSERT INTO snapshots (entity_type, entity_id, workflow_id, version, sequence, state, \
+         state_hash, created_at) SELECT entity_type, entity_id, workflow_id, version, sequence, \
+         state, state_hash, created_at FROM d.snapshots"
+            .to_string(),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    drop(conn);
+    // The last durable flush covered every workflow to its last event.
+    for (workflow, events, version) in stabilize.coverage().await {
+        assert_eq!(events, version, "{workflow}");
+    }
+    verify(&stabilize, 300);
+}

@@ -415,3 +415,55 @@ fn prometheus_metrics_are_served_on_the_configured_address() {
     }
     assert!(scrape("/other").starts_with("HTTP/1.1 404"));
 }
+
+#[test]
+fn a_durable_flush_survives_kill_9_on_the_socket_only_path() {
+    // SQLite with no stabilize events table: nothing to recover from.
+    let backend = Backend::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        "[policy]\nevent_interval = 100\n",
+    );
+    let mut durable: Vec<Vec<u8>> = (1..=7)
+        .map(|seq| {
+            event(
+                seq,
+                "durable",
+                "context.updated",
+                json!({"context": {"n": seq}}),
+            )
+        })
+        .collect();
+    durable.push(br#"{"op":"flush","snapshot":true}"#.to_vec());
+    let replies = daemon.converse(&durable);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0]["ok"], true, "{replies:?}");
+    let mut plain: Vec<Vec<u8>> = (8..=10)
+        .map(|seq| {
+            event(
+                seq,
+                "plain",
+                "context.updated",
+                json!({"context": {"n": seq}}),
+            )
+        })
+        .collect();
+    plain.push(br#"{"op":"flush"}"#.to_vec());
+    assert_eq!(daemon.converse(&plain)[0]["ok"], true);
+
+    daemon.kill();
+    daemon.restart();
+    let got = get(&daemon, "durable");
+    assert_eq!(got["snapshot"]["version"], 7, "{got}");
+    assert_eq!(got["snapshot"]["state"]["context"]["n"], 7, "{got}");
+    // A plain flush promised folding, not a snapshot: lost with the process.
+    assert_eq!(get(&daemon, "plain")["ok"], false);
+    // A bad value is refused by name.
+    let refused = daemon.command(json!({"op": "flush", "snapshot": "yes"}));
+    assert!(
+        refused["error"].as_str().unwrap().contains("snapshot"),
+        "{refused}"
+    );
+}

@@ -409,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                         "so a workflow's next step can overtake them on the bus (default 5; 0 = off)")
     p.add_argument("--portable-numbers", action="store_true",
                    help="omit floats whose value Postgres JSONB changes (-0.0, floats >= 1e16)")
+    p.add_argument("--durable", action="store_true",
+                   help="the forwarder's flushes ask for snapshots (socket only, no shared database)")
     p.add_argument("-v", "--verbose", action="store_true", help="log the forwarder's connects and retries")
     args = p.parse_args(argv)
     if args.backend == "postgres" and not args.dsn:
@@ -436,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             raise Fatal(f"stabilize cannot open the event store: {first_line(exc)}") from None
         bus = get_event_bus()  # the bus configure_event_sourcing just installed
-        forwarder = install(bus, args.socket)
+        forwarder = install(bus, args.socket, durable=args.durable)
         disorder = Disorder()
         bus.subscribe("forward-workflows-disorder", disorder.handle)
         g = Gen(args.seed, args.backend, args.portable_numbers, rec.current_sequence())
