@@ -35,6 +35,7 @@ pub mod names {
     pub const FEED_CURSOR: &str = "feed_cursor_sequence";
     pub const FEED_BEHIND: &str = "feed_events_behind";
     pub const FEED_LAG: &str = "feed_lag_seconds";
+    pub const FEED_DELAY: &str = "feed_delay_seconds";
     pub const ACTIVE_ENTITIES: &str = "active_entities";
     pub const CONNECTIONS: &str = "connections";
     pub const WRITER_PENDING: &str = "writer_pending";
@@ -74,6 +75,9 @@ pub struct Stats {
     /// Age of the oldest event the feed has not read yet, when it last
     /// looked (0 when caught up).
     pub feed_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Per event: from its timestamp (stabilize records it just before the
+    /// commit) to the moment the feed hands it over.
+    pub feed_delay: Histogram,
     pub active_entities: Gauge,
     pub connections: Gauge,
     pub writer_pending: Gauge,
@@ -128,6 +132,7 @@ impl Default for Stats {
             feed_cursor: Gauge::default(),
             feed_behind: Gauge::default(),
             feed_lag: Gauge::default(),
+            feed_delay: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             active_entities: Gauge::default(),
             connections: Gauge::default(),
             writer_pending: Gauge::default(),
@@ -232,6 +237,11 @@ impl Stats {
             EVENTS_INVALID,
             "Frames refused, by kind.",
             stats.events_invalid.clone(),
+        );
+        r.register(
+            FEED_DELAY,
+            "Seconds from an event's timestamp to the table feed handing it over.",
+            stats.feed_delay.clone(),
         );
         r.register(
             FEED_LAG,

@@ -297,7 +297,10 @@ impl Follower {
                 let age = (chrono::Utc::now() - first.timestamp).num_milliseconds();
                 feed.stats.feed_lag.set(age.max(0) as f64 / 1000.0);
             }
+            let now = chrono::Utc::now();
             for event in page.events {
+                let delay = (now - event.timestamp).num_microseconds().unwrap_or(0);
+                feed.stats.feed_delay.observe(delay.max(0) as f64 / 1e6);
                 self.high_sequence = self.high_sequence.max(event.sequence);
                 self.deliver(feed, event, shutdown).await?;
             }

@@ -166,3 +166,68 @@ async fn after_kill_9_the_due_snapshots_of_quiet_workflows_are_caught_up() {
     let status = daemon.terminate();
     assert!(status.success(), "{}", daemon.log());
 }
+
+/// The forwarder's buffer overflows while the daemon is down: the events it
+/// drops never reach the socket, and the table feed recovers every one.
+#[tokio::test]
+async fn events_the_forwarder_dropped_while_the_daemon_was_down_are_recovered_from_the_table() {
+    let backend = Backend::postgres().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(dir.path(), &backend.url(), POLICY);
+    let mut args = backend.python_args();
+    args.extend(
+        [
+            "--socket",
+            &daemon.socket.display().to_string(),
+            "--workflows",
+            "200",
+            "--seed",
+            "9",
+            "--threads",
+            "1",
+            "--max-buffer",
+            "20",
+            "--allow-drops",
+        ]
+        .map(String::from),
+    );
+    let run = std::process::Command::new(crate::helpers::python())
+        .arg(crate::helpers::repo().join("tests/python/forward_workflows.py"))
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let stats = daemon.command(json!({"op": "stats"}))["stats"].clone();
+        if stats["events_received"].as_u64().unwrap_or(0) > 300 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream never started: {stats}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    daemon.kill();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    daemon.restart();
+    let out = run.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert!(
+        summary["dropped"].as_u64().unwrap() > 0,
+        "the forwarder dropped nothing: the test proves nothing: {summary}"
+    );
+    sync(&daemon);
+    let status = daemon.terminate();
+    assert!(status.success(), "{}", daemon.log());
+    assert_covered(&backend, 0).await;
+    verify(&backend, 200);
+}

@@ -409,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
                         "so a workflow's next step can overtake them on the bus (default 5; 0 = off)")
     p.add_argument("--portable-numbers", action="store_true",
                    help="omit floats whose value Postgres JSONB changes (-0.0, floats >= 1e16)")
+    p.add_argument("--max-buffer", type=int, default=10_000,
+                   help="events the forwarder holds while the daemon is away (default 10000)")
+    p.add_argument("--allow-drops", action="store_true",
+                   help="events the forwarder drops (buffer full) are not a failure (the table feed recovers them)")
     p.add_argument("--durable", action="store_true",
                    help="the forwarder's flushes ask for snapshots (socket only, no shared database)")
     p.add_argument("-v", "--verbose", action="store_true", help="log the forwarder's connects and retries")
@@ -438,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             raise Fatal(f"stabilize cannot open the event store: {first_line(exc)}") from None
         bus = get_event_bus()  # the bus configure_event_sourcing just installed
-        forwarder = install(bus, args.socket, durable=args.durable)
+        forwarder = install(bus, args.socket, durable=args.durable, max_buffer=args.max_buffer)
         disorder = Disorder()
         bus.subscribe("forward-workflows-disorder", disorder.handle)
         g = Gen(args.seed, args.backend, args.portable_numbers, rec.current_sequence())
@@ -479,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = []
     if not confirmed:
         problems.append(f"snapshotd did not confirm the final flush within {args.flush_timeout:g} s")
-    if forwarder.dropped:
+    if forwarder.dropped and not args.allow_drops:
         problems.append(f"the forwarder dropped {forwarder.dropped} events (buffer full)")
     if forwarder.rejected:
         problems.append(f"snapshotd rejected {forwarder.rejected} frames")
