@@ -125,25 +125,46 @@ pub async fn backfill(
     let total: i64 = plan.iter().map(|(_, n)| n).sum();
     let mut progress = Progress::new(total as u64, plan.len() as u64);
     let mut summary = BackfillSummary::default();
-    for chunk in plan.chunks(BATCH_WORKFLOWS) {
-        let (events, snapshots) = backfill_batch(&store, chunk, options.every).await?;
-        summary.workflows += chunk.len() as u64;
+    // The next batch is read while this one is folded and written: the
+    // database and the fold each get a core.
+    let mut chunks = plan.chunks(BATCH_WORKFLOWS).map(<[_]>::to_vec);
+    let mut next = chunks.next().map(|chunk| spawn_load(&store, chunk));
+    while let Some(loading) = next.take() {
+        let batch = loading
+            .await
+            .map_err(|e| CommandError::Other(format!("reading a batch failed: {e}")))??;
+        next = chunks.next().map(|chunk| spawn_load(&store, chunk));
+        let workflows = batch.bases.len() as u64;
+        let events = batch.events.len() as u64;
+        let snapshots = write_batch(&store, batch, options.every).await?;
+        summary.workflows += workflows;
         summary.events += events;
         summary.snapshots += snapshots;
-        progress.advance(events, chunk.len() as u64);
+        progress.advance(events, workflows);
     }
     progress.finish(&summary);
     store.close().await;
     Ok(summary)
 }
 
-/// One batch: bases, events, fold, commit (oldest versions first).
-/// Returns the events read and the snapshots written.
-async fn backfill_batch(
+/// A batch read from the store: each workflow's base and the events after it.
+struct Batch {
+    bases: Vec<(EntityKey, Base)>,
+    /// In (workflow, sequence) order.
+    events: Vec<Event>,
+}
+
+fn spawn_load(
     store: &Store,
-    chunk: &[(String, i64)],
-    every: Option<u32>,
-) -> Result<(u64, u64), CommandError> {
+    chunk: Vec<(String, i64)>,
+) -> tokio::task::JoinHandle<Result<Batch, CommandError>> {
+    let store = store.clone();
+    tokio::spawn(async move { load_batch(&store, &chunk).await })
+}
+
+/// Read a batch: every workflow's verified latest snapshot (or its initial
+/// state), then the events after it, in one query.
+async fn load_batch(store: &Store, chunk: &[(String, i64)]) -> Result<Batch, CommandError> {
     let reducer = Reducer::Stabilize;
     let mut bases = Vec::with_capacity(chunk.len());
     for (id, _) in chunk {
@@ -171,7 +192,18 @@ async fn backfill_batch(
         .map(|(key, base)| (key.entity_id.to_string(), base.sequence))
         .collect();
     let events = store.events_of_workflows(&wanted).await?;
-    let read = events.len() as u64;
+    Ok(Batch { bases, events })
+}
+
+/// Fold a batch and commit its snapshots (oldest versions first); the
+/// number written.
+async fn write_batch(
+    store: &Store,
+    batch: Batch,
+    every: Option<u32>,
+) -> Result<u64, CommandError> {
+    let reducer = Reducer::Stabilize;
+    let Batch { bases, events } = batch;
     let mut rounds: Vec<Vec<PreparedSnapshot>> = Vec::new();
     let mut at = 0;
     for (key, base) in bases {
@@ -203,7 +235,7 @@ async fn backfill_batch(
             written += refold_from_scratch(store, &uncovered.key, every).await?;
         }
     }
-    Ok((read, written))
+    Ok(written)
 }
 
 /// Fold a workflow from its first event and commit its snapshots.
