@@ -197,11 +197,7 @@ async fn load_batch(store: &Store, chunk: &[(String, i64)]) -> Result<Batch, Com
 
 /// Fold a batch and commit its snapshots (oldest versions first); the
 /// number written.
-async fn write_batch(
-    store: &Store,
-    batch: Batch,
-    every: Option<u32>,
-) -> Result<u64, CommandError> {
+async fn write_batch(store: &Store, batch: Batch, every: Option<u32>) -> Result<u64, CommandError> {
     let reducer = Reducer::Stabilize;
     let Batch { bases, events } = batch;
     let mut rounds: Vec<Vec<PreparedSnapshot>> = Vec::new();

@@ -221,7 +221,6 @@ impl Store {
         limit: i64,
     ) -> Result<FeedPage, StoreError> {
         let op = StoreError::query("read the events table");
-        let decode = StoreError::query("decode an events row");
         let numbers = self.number_form();
         let (rows, next_if_short): (Vec<(i64, EventRow)>, FeedCursor) = match (self, order) {
             (Store::Postgres(s), FeedOrder::CommitXid) if cursor.xid == 0 => {
@@ -237,11 +236,7 @@ impl Store {
                 .fetch_all(s.pool())
                 .await
                 .map_err(op)?;
-                let rows = rows
-                    .iter()
-                    .map(|r| EventRow::from_pg(r).map(|row| (0, row)))
-                    .collect::<Result<_, _>>()
-                    .map_err(decode)?;
+                let rows = by_sequence(&rows, EventRow::from_pg)?;
                 // Then the first real transaction id.
                 (
                     rows,
@@ -288,11 +283,7 @@ impl Store {
                 .fetch_all(s.pool())
                 .await
                 .map_err(op)?;
-                let rows = rows
-                    .iter()
-                    .map(|r| EventRow::from_pg(r).map(|row| (0, row)))
-                    .collect::<Result<_, _>>()
-                    .map_err(decode)?;
+                let rows = by_sequence(&rows, EventRow::from_pg)?;
                 (rows, cursor)
             }
             (Store::Sqlite(s), _) => {
@@ -306,11 +297,7 @@ impl Store {
                 .fetch_all(s.pool())
                 .await
                 .map_err(op)?;
-                let rows = rows
-                    .iter()
-                    .map(|r| EventRow::from_sqlite(r).map(|row| (0, row)))
-                    .collect::<Result<_, _>>()
-                    .map_err(decode)?;
+                let rows = by_sequence(&rows, EventRow::from_sqlite)?;
                 (rows, cursor)
             }
         };
@@ -391,6 +378,17 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// Rows read in sequence order, which carry no transaction id (0).
+fn by_sequence<R>(
+    rows: &[R],
+    decode: impl Fn(&R) -> Result<EventRow, sqlx::Error>,
+) -> Result<Vec<(i64, EventRow)>, StoreError> {
+    rows.iter()
+        .map(|r| decode(r).map(|row| (0, row)))
+        .collect::<Result<_, _>>()
+        .map_err(StoreError::query("decode an events row"))
 }
 
 fn parse_xid(text: &str) -> Result<i64, StoreError> {

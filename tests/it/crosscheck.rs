@@ -4,7 +4,7 @@
 //! accepts it and its state equals `EventReplayer.rebuild_workflow_state`
 //! up to its sequence.
 
-use crate::helpers::{Backend, Daemon, run_python};
+use crate::helpers::{Backend, Daemon, run_python, spawn_python, wait_for_received};
 use snapshotd::model::canonical::shortest_digits;
 use std::path::Path;
 
@@ -249,26 +249,9 @@ async fn a_durable_forwarder_loses_nothing_to_kill_9_without_a_shared_database()
         "0".into(),
         "--durable".into(),
     ]);
-    let run = std::process::Command::new(crate::helpers::python())
-        .arg(crate::helpers::repo().join("tests/python/forward_workflows.py"))
-        .args(&args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let run = spawn_python("forward_workflows.py", &args);
     // Crash the daemon once it has taken part of the stream.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let stats = daemon.command(serde_json::json!({"op": "stats"}))["stats"].clone();
-        if stats["events_received"].as_u64().unwrap_or(0) > 1500 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stream never started: {stats}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_received(&daemon, 1500);
     daemon.kill();
     daemon.restart();
     let out = run.wait_with_output().unwrap();

@@ -2,7 +2,7 @@
 //! feed, with no forwarder at all; late commits; catch-up after `kill -9`.
 
 use crate::crosscheck::{generate_with, verify};
-use crate::helpers::{Backend, Daemon};
+use crate::helpers::{Backend, Daemon, spawn_python, wait_for_received};
 use serde_json::json;
 
 /// Snapshots every 5 events, all kept, the time threshold out of the way.
@@ -191,25 +191,8 @@ async fn events_the_forwarder_dropped_while_the_daemon_was_down_are_recovered_fr
         ]
         .map(String::from),
     );
-    let run = std::process::Command::new(crate::helpers::python())
-        .arg(crate::helpers::repo().join("tests/python/forward_workflows.py"))
-        .args(&args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let stats = daemon.command(json!({"op": "stats"}))["stats"].clone();
-        if stats["events_received"].as_u64().unwrap_or(0) > 300 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stream never started: {stats}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let run = spawn_python("forward_workflows.py", &args);
+    wait_for_received(&daemon, 300);
     daemon.kill();
     std::thread::sleep(std::time::Duration::from_secs(2));
     daemon.restart();

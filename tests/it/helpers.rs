@@ -568,6 +568,25 @@ impl Drop for Daemon {
 
 use std::process::Output;
 
+/// Start a script of `tests/python` in the background, its output piped.
+pub fn spawn_python(script: &str, args: &[String]) -> std::process::Child {
+    Command::new(python())
+        .arg(repo().join("tests/python").join(script))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start python")
+}
+
+/// Wait until the daemon has received more than `events` on its socket.
+pub fn wait_for_received(daemon: &Daemon, events: u64) {
+    eventually(120, "the stream to reach the daemon", || {
+        let stats = daemon.command(serde_json::json!({"op": "stats"}))["stats"].clone();
+        (stats["events_received"].as_u64().unwrap_or(0) > events).then_some(())
+    });
+}
+
 /// Poll `check` until it returns `Some`, for at most `secs` seconds.
 pub fn eventually<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
