@@ -5,7 +5,7 @@ use crate::actors::ingest::{self, IngestContext};
 use crate::actors::policy::PolicyConfig;
 use crate::actors::router::{Router, RouterArgs, RouterMsg};
 use crate::actors::writer::{Writer, WriterArgs, WriterMsg};
-use crate::cli::chain;
+use crate::error::chain;
 use crate::feed::table::{FeedHandle, TableFeed};
 use crate::model::event::Limits;
 use crate::reducer::Reducer;
@@ -29,6 +29,14 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("socket {path} is in use by a running snapshotd (or another program)")]
     SocketInUse { path: PathBuf },
+    #[error("socket.path {path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error(
+        "the socket's directory {dir} is writable by others without the sticky bit \
+         (mode {mode:o}): anyone could replace the socket; use a directory only the \
+         daemon's user (and group) can write, such as /run/snapshotd"
+    )]
+    UnsafeSocketDir { dir: PathBuf, mode: u32 },
     #[error("cannot bind socket {path}")]
     Bind {
         path: PathBuf,
@@ -74,6 +82,10 @@ pub struct App {
 impl App {
     /// Connect, create the table, spawn the actors, bind the socket.
     pub async fn start(settings: Settings) -> Result<App, StartError> {
+        // Without systemd's socket, our own must be safe before anything starts.
+        if std::env::var_os("LISTEN_FDS").is_none() {
+            check_socket_path(&settings.socket.path)?;
+        }
         let store = Store::connect(&StoreOptions {
             url: settings.database.url.clone(),
             pool_size: settings.database.pool_size,
@@ -115,6 +127,7 @@ impl App {
             event_interval: settings.policy.event_interval as usize,
             time_interval: settings.policy.time_interval(),
             idle_timeout: settings.policy.idle_timeout(),
+            max_state_bytes: settings.policy.max_state_bytes,
             events_table: events_table.clone(),
         });
         let (router, _) = Actor::spawn(
@@ -355,15 +368,13 @@ fn activated_listener() -> Result<Option<UnixListener>, StartError> {
 /// mode and group.
 fn bind_socket(settings: &Settings) -> Result<UnixListener, StartError> {
     let path = &settings.socket.path;
+    check_socket_path(path)?;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(StartError::SocketInUse { path: path.clone() });
         }
         tracing::info!(socket = %path.display(), "Replacing a stale socket file.");
         let _ = std::fs::remove_file(path);
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        let _ = std::fs::create_dir_all(dir);
     }
     let listener = UnixListener::bind(path).map_err(|source| StartError::Bind {
         path: path.clone(),
@@ -386,6 +397,36 @@ fn bind_socket(settings: &Settings) -> Result<UnixListener, StartError> {
         std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| permissions(e.to_string()))?;
     }
     Ok(listener)
+}
+
+/// Before anything else starts: refuse a socket directory others may write
+/// without the sticky bit (whoever can write it can swap the socket for
+/// their own), and a path that holds something other than a socket (it is
+/// never replaced). Creates the directory when missing.
+fn check_socket_path(path: &Path) -> Result<(), StartError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(StartError::NotASocket {
+                path: path.to_path_buf(),
+            });
+        }
+    }
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => {
+            let _ = std::fs::create_dir_all(dir);
+            dir.to_path_buf()
+        }
+        None => PathBuf::from("."),
+    };
+    let Ok(meta) = std::fs::metadata(&dir) else {
+        return Ok(()); // Binding will name the real problem.
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+        return Err(StartError::UnsafeSocketDir { dir, mode });
+    }
+    Ok(())
 }
 
 /// A group given by number or by name (from /etc/group).

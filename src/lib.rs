@@ -11,6 +11,7 @@
 //! * [`stats`] — counters, gauges, histograms: `stats` command and Prometheus.
 //! * [`telemetry`] — logs and the `/metrics` endpoint.
 //! * [`cli`] — what each subcommand does.
+//! * [`error`] — the error-chain formatter every part logs with.
 //!
 //! ```text
 //!  producers ──NDJSON──▶ ingest: a task per connection
@@ -30,6 +31,7 @@
 pub mod actors;
 pub mod app;
 pub mod cli;
+pub mod error;
 pub mod feed;
 pub mod model;
 pub mod reducer;

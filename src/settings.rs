@@ -80,6 +80,7 @@ pub struct PolicySettings {
     pub keep_snapshots: u32,
     pub idle_timeout_secs: u64,
     pub max_active_entities: usize,
+    pub max_state_bytes: usize,
 }
 
 impl PolicySettings {
@@ -272,6 +273,7 @@ impl Settings {
             keep_snapshots: c.get("policy.keep_snapshots"),
             idle_timeout_secs: c.positive("policy.idle_timeout_secs"),
             max_active_entities: c.positive("policy.max_active_entities"),
+            max_state_bytes: c.positive("policy.max_state_bytes"),
         };
         let reducer = ReducerSettings {
             kind: c.choice(
@@ -437,6 +439,7 @@ mod tests {
         assert_eq!(s.policy.keep_snapshots, 3);
         assert_eq!(s.policy.idle_timeout_secs, 600);
         assert_eq!(s.policy.max_active_entities, 100_000);
+        assert_eq!(s.policy.max_state_bytes, 16 * 1024 * 1024);
         assert_eq!(s.socket.reply_buffer_bytes, 1_048_576);
         assert_eq!(s.socket.reply_timeout_secs, 30);
         assert_eq!(s.reducer.kind, ReducerKind::Stabilize);

@@ -23,6 +23,7 @@ pub mod names {
     pub const EVENTS_LATE: &str = "events_late";
     pub const SNAPSHOTS_WRITTEN: &str = "snapshots_written";
     pub const SNAPSHOTS_REJECTED: &str = "snapshots_rejected";
+    pub const SNAPSHOTS_TOO_LARGE: &str = "snapshots_too_large";
     pub const SNAPSHOTS_UNCOVERED: &str = "snapshots_uncovered";
     pub const WRITE_ERRORS: &str = "write_errors";
     pub const REBUILDS: &str = "rebuilds";
@@ -59,6 +60,7 @@ pub struct Stats {
     pub events_late: Counter,
     pub snapshots_written: Counter,
     pub snapshots_rejected: Counter,
+    pub snapshots_too_large: Counter,
     pub snapshots_uncovered: Counter,
     pub write_errors: Counter,
     pub rebuilds: Counter,
@@ -120,6 +122,7 @@ impl Default for Stats {
             events_late: Counter::default(),
             snapshots_written: Counter::default(),
             snapshots_rejected: Counter::default(),
+            snapshots_too_large: Counter::default(),
             snapshots_uncovered: Counter::default(),
             write_errors: Counter::default(),
             rebuilds: Counter::default(),
@@ -158,7 +161,12 @@ impl Stats {
         let mut stats = Stats::default();
         let r = &mut stats.registry;
         use names::*;
-        let counters: [(&str, &str, &Counter); 14] = [
+        let counters: [(&str, &str, &Counter); 15] = [
+            (
+                SNAPSHOTS_TOO_LARGE,
+                "Snapshots not written: state larger than policy.max_state_bytes (retried later).",
+                &stats.snapshots_too_large,
+            ),
             (
                 FEED_EVENTS,
                 "Events read from stabilize's events table.",
@@ -362,6 +370,7 @@ impl Stats {
             names::EVENTS_LATE: self.events_late.get(),
             names::SNAPSHOTS_WRITTEN: self.snapshots_written.get(),
             names::SNAPSHOTS_REJECTED: self.snapshots_rejected.get(),
+            names::SNAPSHOTS_TOO_LARGE: self.snapshots_too_large.get(),
             names::SNAPSHOTS_UNCOVERED: self.snapshots_uncovered.get(),
             names::WRITE_ERRORS: self.write_errors.get(),
             names::REBUILDS: self.rebuilds.get(),

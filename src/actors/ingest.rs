@@ -460,7 +460,7 @@ async fn command_reply(
                         frame,
                         format!("unknown entity {key}: no snapshot pending or stored"),
                     ),
-                    Err(error) => fail_line("get", frame, crate::cli::chain(&error)),
+                    Err(error) => fail_line("get", frame, crate::error::chain(&error)),
                 };
                 let _ = replies.send(line).await;
                 drop(slot);

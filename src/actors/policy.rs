@@ -38,7 +38,7 @@
 
 use super::router::RouterMsg;
 use super::writer::WriterMsg;
-use crate::cli::chain;
+use crate::error::chain;
 use crate::model::event::Event;
 use crate::model::{EntityKey, PreparedSnapshot};
 use crate::reducer::Reducer;
@@ -76,6 +76,15 @@ pub enum PolicyMsg {
     CheckBase,
 }
 
+/// What preparing a snapshot of the current state gave.
+enum Prepared {
+    Ready(PreparedSnapshot),
+    /// Refused (logged and counted): the state can never be stored.
+    Unstorable,
+    /// Over `policy.max_state_bytes` (logged and counted): retried later.
+    TooLarge,
+}
+
 /// A snapshot to build on: the writer's pending one or the store's latest.
 struct Base {
     state: Map<String, Value>,
@@ -94,6 +103,8 @@ pub struct PolicyConfig {
     pub event_interval: usize,
     pub time_interval: Duration,
     pub idle_timeout: Duration,
+    /// Largest canonical state written (`policy.max_state_bytes`).
+    pub max_state_bytes: usize,
     /// Stabilize's events table in the store's database, once found.
     pub events_table: Arc<EventsTableWatch>,
 }
@@ -140,6 +151,9 @@ pub struct PolicyState {
     tick: Option<(Instant, TickTimer)>,
     check_scheduled: bool,
     hydrate_backoff: Duration,
+    /// After a snapshot too large to write: the window length at which the
+    /// event threshold tries again (0: the plain interval).
+    retry_at_len: usize,
 }
 
 impl Actor for Policy {
@@ -176,6 +190,7 @@ impl Actor for Policy {
             tick: None,
             check_scheduled: false,
             hydrate_backoff: Duration::from_millis(100),
+            retry_at_len: 0,
         })
     }
 
@@ -472,7 +487,7 @@ impl PolicyState {
 
     /// After events arrived: snapshot at the event threshold, keep the timer.
     async fn after_change(&mut self, myself: &ActorRef<PolicyMsg>) {
-        if self.window.len() >= self.config().event_interval {
+        if self.window.len() >= self.config().event_interval.max(self.retry_at_len) {
             self.snapshot().await;
         }
         self.arm_tick(myself);
@@ -519,14 +534,29 @@ impl PolicyState {
             }
         }
         self.dirty = false;
+        let version = self.snap_version + self.window.len() as i32;
+        let sequence = self.snap_seq.max(*self.window.last()?);
+        let snapshot = match self.prepare(version, sequence) {
+            Prepared::Ready(snapshot) => Some(snapshot),
+            Prepared::Unstorable => None,
+            Prepared::TooLarge => {
+                // Keep folding; try again one interval of events (or of
+                // time) from now.
+                self.retry_at_len = self.window.len() + self.config().event_interval;
+                self.last_snapshot_at = Some(Instant::now());
+                return None;
+            }
+        };
+        self.retry_at_len = 0;
         let window = std::mem::take(&mut self.window);
-        self.snap_version += window.len() as i32;
-        self.snap_seq = self.snap_seq.max(*window.last()?);
+        self.snap_version = version;
+        self.snap_seq = sequence;
         for seq in window {
             self.remember(seq);
         }
         self.first_pending_at = None;
-        self.send_state().await
+        self.last_snapshot_at = Some(Instant::now());
+        self.send(snapshot?).await
     }
 
     /// Replace the state with the last snapshot plus the table's events
@@ -569,25 +599,46 @@ impl PolicyState {
         Ok(())
     }
 
-    /// Hand the current state to the writer as a snapshot.
+    /// Hand the current state to the writer as a snapshot at the last
+    /// snapshot's version and sequence (after a rebuild).
     async fn send_state(&mut self) -> Option<(i32, i64)> {
         self.last_snapshot_at = Some(Instant::now());
-        // Events were decoded in the store's number form: the state needs
-        // no rewriting, only serialising and hashing, once.
+        match self.prepare(self.snap_version, self.snap_seq) {
+            Prepared::Ready(snapshot) => self.send(snapshot).await,
+            Prepared::Unstorable | Prepared::TooLarge => None,
+        }
+    }
+
+    /// The current state as a snapshot, serialised and hashed once (events
+    /// were decoded in the store's number form: nothing to rewrite), unless
+    /// it cannot be stored or is larger than `policy.max_state_bytes`.
+    fn prepare(&self, version: i32, sequence: i64) -> Prepared {
         let snapshot = match PreparedSnapshot::from_state(
             self.args.key.clone(),
             self.workflow_id(),
-            self.snap_version,
-            self.snap_seq,
+            version,
+            sequence,
             &self.state,
         ) {
             Ok(snapshot) => snapshot,
             Err(error) => {
                 self.args.stats.snapshots_rejected.inc();
                 tracing::error!(entity = %self.args.key, error = %error, "The entity's state cannot be stored; no snapshot taken.");
-                return None;
+                return Prepared::Unstorable;
             }
         };
+        let limit = self.config().max_state_bytes;
+        if snapshot.canonical_bytes > limit {
+            self.args.stats.snapshots_too_large.inc();
+            tracing::warn!(entity = %self.args.key, bytes = snapshot.canonical_bytes, limit, version,
+                "The entity's state is larger than policy.max_state_bytes; not written, retried at its next threshold.");
+            return Prepared::TooLarge;
+        }
+        Prepared::Ready(snapshot)
+    }
+
+    /// Hand a snapshot to the writer (waiting while it holds its maximum).
+    async fn send(&mut self, snapshot: PreparedSnapshot) -> Option<(i32, i64)> {
         let taken = (snapshot.version, snapshot.sequence);
         // Waits while the writer holds its maximum: backpressure.
         let permit = self

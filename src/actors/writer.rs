@@ -5,7 +5,7 @@
 //! permits senders acquire) until the store is back.
 
 use super::router::RouterMsg;
-use crate::cli::chain;
+use crate::error::chain;
 use crate::model::{EntityKey, PreparedSnapshot, Snapshot};
 use crate::stats::Stats;
 use crate::store::{EventsTableWatch, Store};

@@ -22,17 +22,7 @@ pub enum CommandError {
     Other(String),
 }
 
-/// An error and its causes on one line: `a: b: c`.
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use crate::error::chain;
 
 async fn open_store(settings: &Settings) -> Result<Store, StoreError> {
     Store::connect(&StoreOptions {

@@ -96,6 +96,7 @@ fn table(stats: &Value) -> String {
                 "snapshots_written",
                 "writer_pending",
                 "snapshots_rejected",
+                "snapshots_too_large",
                 "snapshots_uncovered",
                 "write_errors",
             ],

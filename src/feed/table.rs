@@ -220,7 +220,7 @@ impl TableFeed {
 
     fn failed(&self, error: &StoreError) {
         self.stats.feed_errors.inc();
-        tracing::warn!(error = %crate::cli::chain(error), "Reading stabilize's events table failed; retrying.");
+        tracing::warn!(error = %crate::error::chain(error), "Reading stabilize's events table failed; retrying.");
     }
 
     fn min_pause(&self) -> Duration {
@@ -276,7 +276,7 @@ impl Follower {
                 match feed.store.feed_sync_target(self.order).await {
                     Ok(target) => self.waiting.push((target, reply)),
                     Err(error) => {
-                        let _ = reply.send(Err(crate::cli::chain(&error)));
+                        let _ = reply.send(Err(crate::error::chain(&error)));
                     }
                 }
             }

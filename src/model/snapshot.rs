@@ -169,6 +169,8 @@ pub struct PreparedSnapshot {
     pub state_text: String,
     pub state_hash: String,
     pub created_at: DateTime<Utc>,
+    /// Length of the canonical text the hash is taken over.
+    pub canonical_bytes: usize,
 }
 
 impl PreparedSnapshot {
@@ -181,7 +183,8 @@ impl PreparedSnapshot {
         sequence: i64,
         state: &Map<String, Value>,
     ) -> Result<Self, CanonicalError> {
-        let state_hash = sha256_hex(canonical_object(state)?.as_bytes());
+        let canonical = canonical_object(state)?;
+        let state_hash = sha256_hex(canonical.as_bytes());
         let state_text = serde_json::to_string(state).expect("a JSON map serialises");
         Ok(PreparedSnapshot {
             key,
@@ -191,6 +194,7 @@ impl PreparedSnapshot {
             state_text,
             state_hash,
             created_at: Utc::now(),
+            canonical_bytes: canonical.len(),
         })
     }
 

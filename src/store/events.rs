@@ -317,7 +317,7 @@ impl EventsTableWatch {
             }
             Ok(false) => false,
             Err(error) => {
-                tracing::warn!(error = %crate::cli::chain(&error), "Looking for the events table failed.");
+                tracing::warn!(error = %crate::error::chain(&error), "Looking for the events table failed.");
                 false
             }
         }

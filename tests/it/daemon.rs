@@ -467,3 +467,100 @@ fn a_durable_flush_survives_kill_9_on_the_socket_only_path() {
         "{refused}"
     );
 }
+
+#[test]
+fn a_state_over_max_state_bytes_is_not_written_and_is_retried_at_the_next_threshold() {
+    let backend = Backend::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        "[policy]\nevent_interval = 5\nmax_state_bytes = 600\n",
+    );
+    let big = "x".repeat(200);
+    let events = |workflow: &str, from: i64, to: i64, note: &str| -> Vec<Vec<u8>> {
+        let mut frames: Vec<Vec<u8>> = (from..=to)
+            .map(|seq| {
+                event(
+                    seq,
+                    workflow,
+                    "context.updated",
+                    json!({"context": {format!("k{seq}"): note}}),
+                )
+            })
+            .collect();
+        frames.push(br#"{"op":"flush"}"#.to_vec());
+        frames
+    };
+    // A small state is written; a large one is not.
+    assert_eq!(daemon.converse(&events("small", 1, 5, "s"))[0]["ok"], true);
+    assert_eq!(
+        daemon.converse(&events("large", 6, 10, &big))[0]["ok"],
+        true
+    );
+    assert_eq!(get(&daemon, "small")["snapshot"]["version"], 5);
+    assert_eq!(get(&daemon, "large")["ok"], false);
+    let stats = &daemon.command(json!({"op": "stats"}))["stats"];
+    assert_eq!(stats["snapshots_too_large"], 1, "{stats}");
+    let log = daemon.log();
+    assert!(
+        log.contains("larger than policy.max_state_bytes") && log.contains("workflow/large"),
+        "{log}"
+    );
+    // It keeps folding and is tried again one interval later, not at every event.
+    assert_eq!(
+        daemon.converse(&events("large", 11, 14, "y"))[0]["ok"],
+        true
+    );
+    assert_eq!(
+        daemon.command(json!({"op": "stats"}))["stats"]["snapshots_too_large"],
+        1
+    );
+    assert_eq!(
+        daemon.converse(&events("large", 15, 15, "y"))[0]["ok"],
+        true
+    );
+    assert_eq!(
+        daemon.command(json!({"op": "stats"}))["stats"]["snapshots_too_large"],
+        2
+    );
+}
+
+#[test]
+fn an_unsafe_socket_directory_or_a_file_in_the_sockets_place_stops_start_up() {
+    use std::os::unix::fs::PermissionsExt;
+    let backend = Backend::sqlite();
+    let start = |socket: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_snapshotd"))
+            .args(["run"])
+            .env("SNAPSHOTD_SOCKET__PATH", socket)
+            .env("SNAPSHOTD_DATABASE__URL", backend.url())
+            .env("SNAPSHOTD_METRICS__ADDRESS", "")
+            .output()
+            .unwrap()
+    };
+    // Writable by everyone, no sticky bit: anyone could swap the socket.
+    let open = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = start(&open.path().join("s.sock"));
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        error.contains("writable by others without the sticky bit") && error.contains("777"),
+        "{error}"
+    );
+    assert_eq!(error.trim().lines().count(), 1, "one clear line: {error}");
+    // A regular file where the socket should be is not replaced.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.sock");
+    std::fs::write(&file, "precious").unwrap();
+    let out = start(&file);
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(error.contains("exists and is not a socket"), "{error}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+    // With the sticky bit (like /tmp) it starts.
+    std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let daemon = Daemon::start(open.path(), &backend.url(), "");
+    assert_eq!(daemon.command(json!({"op": "ping"}))["ok"], true);
+}
