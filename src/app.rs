@@ -211,13 +211,43 @@ impl App {
         };
         let ingest = tokio::spawn(ingest::serve(listener, ctx, stop_rx));
         tracing::info!(socket = %settings.socket.path.display(), activated, "Listening.");
-        notify_systemd(&[sd_notify::NotifyState::Ready]);
+        let mut status = StatusLine::new(&stats);
+        notify_systemd(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status.next(&stats)),
+        ]);
         let watchdog = sd_notify::watchdog_enabled().map(|period| {
+            let writer = writer.clone();
+            let stats = stats.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(period / 2);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut stuck = false;
                 loop {
                     tick.tick().await;
-                    notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+                    // Ping systemd only while the writer answers: a writer
+                    // stuck in a commit gets the daemon restarted.
+                    let alive = matches!(
+                        writer.call(WriterMsg::Ping, Some(period / 2)).await,
+                        Ok(ractor::rpc::CallResult::Success(()))
+                    );
+                    let line = status.next(&stats);
+                    if alive {
+                        stuck = false;
+                        notify_systemd(&[
+                            sd_notify::NotifyState::Watchdog,
+                            sd_notify::NotifyState::Status(&line),
+                        ]);
+                    } else {
+                        if !stuck {
+                            tracing::error!(
+                                "The writer is not answering; withholding the watchdog ping."
+                            );
+                        }
+                        stuck = true;
+                        let line = format!("writer not answering; {line}");
+                        notify_systemd(&[sd_notify::NotifyState::Status(&line)]);
+                    }
                 }
             })
         });
@@ -333,6 +363,44 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
+    }
+}
+
+/// The `STATUS=` text systemd shows: entities, event rate, store state.
+struct StatusLine {
+    events: u64,
+    at: Instant,
+}
+
+impl StatusLine {
+    fn new(stats: &Stats) -> StatusLine {
+        StatusLine {
+            events: Self::events(stats),
+            at: Instant::now(),
+        }
+    }
+
+    fn events(stats: &Stats) -> u64 {
+        stats.events_received.get() + stats.feed_events.get()
+    }
+
+    /// The line, with the event rate since the previous one.
+    fn next(&mut self, stats: &Stats) -> String {
+        let events = Self::events(stats);
+        let rate = (events - self.events) as f64 / self.at.elapsed().as_secs_f64().max(1e-3);
+        self.events = events;
+        self.at = Instant::now();
+        format!(
+            "{} entities active, {rate:.0} events/s, {} snapshots written, {} pending, store {}",
+            stats.active_entities.get(),
+            stats.snapshots_written.get(),
+            stats.writer_pending.get(),
+            if stats.store_up.get() == 1 {
+                "up"
+            } else {
+                "DOWN"
+            }
+        )
     }
 }
 

@@ -32,6 +32,10 @@ pub enum WriterMsg {
     SetRouter(ActorRef<RouterMsg>),
     /// To itself: commit now (batch delay elapsed, batch full, retry).
     Commit,
+    /// From the systemd watchdog: answered at once unless the writer is
+    /// stuck inside a commit (a lock it waits on, a hung connection), in
+    /// which case the watchdog stops pinging and systemd restarts us.
+    Ping(RpcReplyPort<()>),
     /// From the app at shutdown: commit everything, retrying until the
     /// deadline; reply with the number of snapshots that could not be.
     Drain(Instant, RpcReplyPort<usize>),
@@ -138,6 +142,9 @@ impl Actor for Writer {
                 let _ = reply.send(state.pending.get(&key).map(|p| p.snapshot.to_snapshot()));
             }
             WriterMsg::SetRouter(router) => state.router = Some(router),
+            WriterMsg::Ping(reply) => {
+                let _ = reply.send(());
+            }
             WriterMsg::Commit => {
                 state.commit_scheduled = false;
                 state.commit(&myself).await;

@@ -404,6 +404,8 @@ pub struct Daemon {
     child: Option<std::process::Child>,
     database_url: String,
     metrics: String,
+    /// More environment for the daemon (e.g. `NOTIFY_SOCKET`).
+    env: Vec<(String, String)>,
     pub socket: PathBuf,
     pub config: PathBuf,
     pub stderr_log: PathBuf,
@@ -424,18 +426,40 @@ impl Daemon {
         extra_toml: &str,
         metrics: &str,
     ) -> Daemon {
+        let mut daemon = Self::configured(dir, database_url, extra_toml, metrics);
+        daemon.spawn();
+        daemon
+    }
+
+    /// The daemon's files and settings, not started yet.
+    fn configured(dir: &Path, database_url: &str, extra_toml: &str, metrics: &str) -> Daemon {
         let socket = dir.join("snapshotd.sock");
         let config = dir.join("snapshotd.toml");
         let stderr_log = dir.join(format!("{}.log", unique_name("daemon")));
         std::fs::write(&config, extra_toml).unwrap();
-        let mut daemon = Daemon {
+        Daemon {
             child: None,
             database_url: database_url.to_string(),
             metrics: metrics.to_string(),
+            env: Vec::new(),
             socket,
             config,
             stderr_log,
-        };
+        }
+    }
+
+    /// [`Daemon::start`] with more environment variables.
+    pub fn start_with_env(
+        dir: &Path,
+        database_url: &str,
+        extra_toml: &str,
+        env: &[(&str, String)],
+    ) -> Daemon {
+        let mut daemon = Self::configured(dir, database_url, extra_toml, "");
+        daemon.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         daemon.spawn();
         daemon
     }
@@ -451,6 +475,7 @@ impl Daemon {
             .env("SNAPSHOTD_DATABASE__URL", &self.database_url)
             .env("SNAPSHOTD_METRICS__ADDRESS", &self.metrics)
             .env("RUST_LOG", "snapshotd=info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stderr(log)
             .spawn()
             .expect("start snapshotd");
