@@ -508,13 +508,22 @@ impl Daemon {
 
     /// The daemon's peak resident memory so far (`VmHWM`), in MiB.
     pub fn peak_rss_mib(&self) -> u64 {
+        self.proc_status_mib("VmHWM:")
+    }
+
+    /// The daemon's resident memory now (`VmRSS`), in MiB.
+    pub fn rss_mib(&self) -> u64 {
+        self.proc_status_mib("VmRSS:")
+    }
+
+    fn proc_status_mib(&self, field: &str) -> u64 {
         let pid = self.child.as_ref().expect("running").id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
         let kib: u64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/PID/status");
+            .unwrap_or_else(|| panic!("{field} in /proc/PID/status"));
         kib / 1024
     }
 

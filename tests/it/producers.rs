@@ -286,3 +286,61 @@ fn no_more_actors_than_max_active_entities_and_nothing_lost_by_passivating() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_hundred_thousand_idle_entities_are_all_snapshotted_and_passivated() {
+    let backend = Backend::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        "[policy]\nevent_interval = 100\nidle_timeout_secs = 2\n",
+    );
+    let n = 100_000;
+    let lines = (0..n).map(|i| String::from_utf8(event(i + 1, &format!("idle{i}"))).unwrap());
+    let file = write_lines(dir.path(), "idle.ndjson", lines);
+    let out = daemon.send_file(&file, true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let loaded = daemon.rss_mib();
+    // Touched once, then idle: every actor snapshots and stops.
+    eventually(
+        180,
+        "every entity to be passivated and its snapshot committed",
+        || {
+            let stats = stats(&daemon);
+            (stats["active_entities"] == 0 && stats["writer_pending"] == 0).then_some(())
+        },
+    );
+    let idle = daemon.rss_mib();
+    eprintln!(
+        "RSS: {loaded} MiB with {n} entities active (peak {} MiB), {idle} MiB once all passivated",
+        daemon.peak_rss_mib()
+    );
+    let Backend::Sqlite(file) = &backend else {
+        unreachable!()
+    };
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect(&file.url()).await.unwrap();
+    // The last snapshots may be between an actor and the writer still.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (rows, entities): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(DISTINCT entity_id) FROM snapshots WHERE version = 1",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        if (rows, entities) == (n, n) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{rows} snapshots of {entities} entities, wanted {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
