@@ -75,6 +75,21 @@ enum Command {
     Verify {
         #[arg(long, value_name = "URL")]
         database_url: Option<String>,
+        /// Also rebuild each snapshot from stabilize's events table with the
+        /// daemon's reducer and compare the states, text-exact.
+        #[arg(long)]
+        replay: bool,
+        /// With --replay: only this workflow (repeatable).
+        #[arg(long = "workflow", value_name = "ID", requires = "replay")]
+        workflows: Vec<String>,
+        /// With --replay: the fraction of workflows checked (0 < F <= 1).
+        #[arg(
+            long,
+            value_name = "FRACTION",
+            default_value_t = 1.0,
+            requires = "replay"
+        )]
+        sample: f64,
     },
     /// Create the snapshots table when missing.
     Migrate {
@@ -112,6 +127,7 @@ fn run(args: Args) -> Result<(), CommandError> {
     }
     | Command::Verify {
         database_url: Some(url),
+        ..
     }
     | Command::Migrate {
         database_url: Some(url),
@@ -158,7 +174,18 @@ fn run(args: Args) -> Result<(), CommandError> {
                 entity_id,
                 ..
             } => cli::get(&settings, &entity_type, &entity_id).await,
-            Command::Verify { .. } => cli::verify(&settings).await,
+            Command::Verify { replay: false, .. } => cli::verify(&settings).await,
+            Command::Verify {
+                workflows, sample, ..
+            } => {
+                if !(sample > 0.0 && sample <= 1.0) {
+                    return Err(CommandError::Usage(format!(
+                        "--sample {sample}: give a fraction above 0 and at most 1"
+                    )));
+                }
+                cli::verify(&settings).await?;
+                cli::verify_replay(&settings, &cli::ReplayOptions { workflows, sample }).await
+            }
             Command::Backfill {
                 workflows,
                 since_sequence,

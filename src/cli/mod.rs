@@ -236,3 +236,6 @@ pub use status::status;
 
 mod backfill;
 pub use backfill::{BackfillOptions, BackfillSummary, backfill, fold_history};
+
+mod replay;
+pub use replay::{ReplayOptions, verify_replay};

@@ -268,6 +268,36 @@ impl Store {
         row.map(StoredRow::into_snapshot).transpose()
     }
 
+    /// Every snapshot row of the entity, oldest version first; each is
+    /// hash-verified (an `Err` names the row that fails).
+    pub async fn snapshots_of(
+        &self,
+        key: &EntityKey,
+    ) -> Result<Vec<Result<Snapshot, StoreError>>, StoreError> {
+        let rows = match self {
+            Store::Postgres(s) => s.rows_of(key).await?,
+            Store::Sqlite(s) => s.rows_of(key).await?,
+        };
+        Ok(rows.into_iter().map(StoredRow::into_snapshot).collect())
+    }
+
+    /// The ids of every workflow with a stored snapshot.
+    pub async fn workflows_with_snapshots(&self) -> Result<Vec<String>, StoreError> {
+        const SQL: &str = "SELECT DISTINCT entity_id FROM snapshots WHERE entity_type = 'workflow' \
+             ORDER BY entity_id";
+        let op = StoreError::query("list the snapshotted workflows");
+        match self {
+            Store::Postgres(s) => sqlx::query_scalar(SQL)
+                .fetch_all(s.pool())
+                .await
+                .map_err(op),
+            Store::Sqlite(s) => sqlx::query_scalar(SQL)
+                .fetch_all(s.pool())
+                .await
+                .map_err(op),
+        }
+    }
+
     /// Whether any snapshot of the entity is stored (no read of its state).
     pub async fn has_snapshot(&self, key: &EntityKey) -> Result<bool, StoreError> {
         let op = StoreError::query("look for an entity's snapshot");

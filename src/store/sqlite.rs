@@ -146,6 +146,19 @@ impl SqliteStore {
         Ok(outcome)
     }
 
+    /// Every row of the entity, oldest version first.
+    pub(super) async fn rows_of(&self, key: &EntityKey) -> Result<Vec<StoredRow>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT_ROW} WHERE entity_type = ?1 AND entity_id = ?2 ORDER BY version"
+        )))
+        .bind(key.entity_type.as_str())
+        .bind(&*key.entity_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::query("read an entity's snapshots"))?;
+        rows.iter().map(decode).collect()
+    }
+
     pub(super) async fn latest_row(
         &self,
         key: &EntityKey,

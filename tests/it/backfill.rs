@@ -139,3 +139,72 @@ async fn an_interrupted_backfill_resumes_without_redoing_finished_workflows() {
     assert_all_covered(&backend).await;
     verify(&backend, 1200);
 }
+
+/// `verify --replay` rebuilds every row from the events table: it passes on
+/// exact rows and catches one whose state and hash were both rewritten,
+/// which plain `verify` (hashes only) cannot see.
+async fn replay_catches_a_consistent_forgery(backend: Backend) {
+    use snapshotd::model::canonical::state_hash;
+    let dir = tempfile::tempdir().unwrap();
+    generate_with(&backend, dir.path(), 40, false, &[]);
+    assert!(backfill(&backend, &["--every", "3"]).status.success());
+    let verify = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_snapshotd"))
+            .args(["verify", "--database-url", &backend.url()])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    let clean = verify(&["--replay"]);
+    assert!(
+        clean.status.success(),
+        "{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+    assert!(String::from_utf8_lossy(&clean.stdout).contains("equal stabilize's replay"));
+
+    // Rewrite one row's state and hash so that they agree with each other.
+    let store = backend.store().await;
+    let (workflow, _, _) = backend.coverage().await.remove(0);
+    let key =
+        snapshotd::model::EntityKey::new(snapshotd::model::EntityType::Workflow, workflow.clone());
+    let mut forged = store.latest(&key).await.unwrap().unwrap();
+    forged.state["status"] = serde_json::json!("FORGED");
+    let hash = state_hash(&forged.state).unwrap();
+    let text = forged.state.to_string().replace('\'', "''");
+    backend
+        .execute(&format!(
+            "UPDATE snapshots SET state = '{text}', state_hash = '{hash}' \
+             WHERE entity_type = 'workflow' AND entity_id = '{workflow}' AND version = {}",
+            forged.version
+        ))
+        .await;
+    assert!(
+        verify(&[]).status.success(),
+        "plain verify sees nothing wrong"
+    );
+    let caught = verify(&["--replay"]);
+    let report = String::from_utf8_lossy(&caught.stderr);
+    assert!(!caught.status.success());
+    assert!(
+        report.contains(&format!("workflow/{workflow} version {}", forged.version))
+            && report.contains("at `status`")
+            && report.contains("1 of "),
+        "{report}"
+    );
+    // Sampling and naming workflows work too.
+    let named = verify(&["--replay", "--workflow", &workflow]);
+    assert!(!named.status.success());
+    assert!(verify(&["--replay", "--sample", "0"]).status.code() != Some(0));
+}
+
+#[tokio::test]
+async fn verify_replay_catches_a_consistent_forgery_on_postgres() {
+    replay_catches_a_consistent_forgery(Backend::postgres().await).await;
+}
+
+#[tokio::test]
+async fn verify_replay_catches_a_consistent_forgery_on_sqlite() {
+    replay_catches_a_consistent_forgery(Backend::sqlite()).await;
+}
