@@ -14,8 +14,7 @@
 //! for `socket.reply_timeout_secs` is disconnected. Every wait also ends at
 //! shutdown, so no producer can hold the daemon up.
 
-use super::router::{RouterMsg, SnapshotOutcome};
-use super::writer::WriterMsg;
+use super::messages::{RouterMsg, SnapshotOutcome, WriterMsg};
 use crate::feed::table::FeedHandle;
 use crate::model::event::{Command, DecodeError, Frame, Limits, decode};
 use crate::model::{EntityKey, Snapshot};

@@ -36,45 +36,19 @@
 //!   sequence at or below the snapshot the actor hydrated from counts as
 //!   covered by it (a resend).
 
-use super::router::RouterMsg;
-use super::writer::WriterMsg;
+use super::messages::{PolicyMsg, RouterMsg, WriterMsg};
 use crate::error::chain;
 use crate::model::event::Event;
 use crate::model::{EntityKey, PreparedSnapshot};
 use crate::reducer::Reducer;
 use crate::stats::Stats;
 use crate::store::{EventsTableWatch, Store, StoreError};
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
-
-/// Messages to a policy actor.
-pub enum PolicyMsg {
-    /// From the router: an event of this entity. The permit bounds events in
-    /// flight between the sockets and the actors; dropping it frees a place.
-    Event(Box<Event>, OwnedSemaphorePermit),
-    /// From the router, for a flush: reply once every earlier message is
-    /// handled (snapshots they triggered are then with the writer).
-    Barrier(RpcReplyPort<()>),
-    /// From the router (`snapshot` command): snapshot now if there are new
-    /// events; reply with the snapshot's (version, sequence), if one was taken.
-    ForceSnapshot(RpcReplyPort<Option<(i32, i64)>>),
-    /// From the router, relaying the writer: the events table contradicts
-    /// our last snapshot; rebuild from the table.
-    Resync,
-    /// From the router (idle passivation or shutdown): stop, first
-    /// snapshotting new events when `snapshot` is set.
-    Stop { snapshot: bool },
-    /// To itself, first: load the entity's history.
-    Hydrate,
-    /// To itself: time threshold and idleness check.
-    Tick,
-    /// To itself, after late events: compare the base with the events table.
-    CheckBase,
-}
 
 /// What preparing a snapshot of the current state gave.
 enum Prepared {

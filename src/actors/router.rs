@@ -8,78 +8,15 @@
 //! actor is first looked up (writer, store, events table) off the router,
 //! and answered "unknown" without spawning anything when nothing is there.
 
-use super::policy::{Policy, PolicyArgs, PolicyConfig, PolicyMsg};
-use super::writer::WriterMsg;
+use super::messages::{PolicyMsg, RouterMsg, SnapshotOutcome, WriterMsg};
+use super::policy::{Policy, PolicyArgs, PolicyConfig};
 use crate::model::EntityKey;
-use crate::model::event::Event;
 use crate::stats::Stats;
 use crate::store::Store;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-/// Messages to the router.
-pub enum RouterMsg {
-    /// From a connection reader: one event, with its in-flight permit.
-    Event {
-        connection: u64,
-        event: Box<Event>,
-        permit: OwnedSemaphorePermit,
-    },
-    /// From a connection reader (`flush`): reply once every event this
-    /// connection sent before is folded and the snapshots they triggered
-    /// are committed; with `snapshot`, once every entity they touched is
-    /// snapshotted and committed (a barrier that survives `kill -9`).
-    Flush {
-        connection: u64,
-        snapshot: bool,
-        reply: RpcReplyPort<()>,
-    },
-    /// From a connection reader (`snapshot`): snapshot the entity now and
-    /// reply once committed.
-    Snapshot {
-        key: EntityKey,
-        reply: RpcReplyPort<SnapshotOutcome>,
-    },
-    /// From the task that looked up an entity without an actor for a
-    /// `snapshot`: whether it has any history at all.
-    SnapshotLookedUp {
-        key: EntityKey,
-        known: bool,
-        reply: RpcReplyPort<SnapshotOutcome>,
-    },
-    /// From the table feed catching up at start: start the entity's actor
-    /// (it hydrates and applies its thresholds at once); a later flush of
-    /// `connection` waits for it.
-    Wake { connection: u64, key: EntityKey },
-    /// From a connection reader: the connection ended.
-    Closed { connection: u64 },
-    /// From a policy actor idle for `idle_timeout`: may it stop?
-    Idle { key: EntityKey, id: ActorId },
-    /// From the writer: the events table contradicts this entity's snapshot.
-    Resync(EntityKey),
-    /// From the app at shutdown: stop every policy actor (snapshotting new
-    /// events when `snapshot`), reply when all have stopped.
-    Drain {
-        snapshot: bool,
-        reply: RpcReplyPort<()>,
-    },
-    /// From the app, when the drain ran out of time: how many entities
-    /// have not handed their final snapshot to the writer.
-    Remaining(RpcReplyPort<usize>),
-}
-
-/// The answer to a `snapshot` command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SnapshotOutcome {
-    /// Taken and committed.
-    Taken { version: i32, sequence: i64 },
-    /// Nothing beyond the last snapshot.
-    NothingNew,
-    /// No events and no snapshot anywhere: no actor was started for it.
-    Unknown,
-}
+use tokio::sync::Semaphore;
 
 /// Start arguments.
 pub struct RouterArgs {

@@ -4,9 +4,9 @@
 //! outages with capped backoff, holding what is pending (bounded by the
 //! permits senders acquire) until the store is back.
 
-use super::router::RouterMsg;
+use super::messages::{RouterMsg, WriterMsg};
 use crate::error::chain;
-use crate::model::{EntityKey, PreparedSnapshot, Snapshot};
+use crate::model::{EntityKey, PreparedSnapshot};
 use crate::stats::Stats;
 use crate::store::{EventsTableWatch, Store};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -14,32 +14,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
-
-/// Messages to the writer.
-pub enum WriterMsg {
-    /// From a policy actor: a snapshot to commit. The permit bounds how many
-    /// snapshots wait here; it is released when this one is committed or
-    /// replaced by a newer one.
-    Snapshot(Box<PreparedSnapshot>, OwnedSemaphorePermit),
-    /// From a flush (connection `flush` or `snapshot` command): reply once
-    /// every snapshot received before is committed.
-    Flush(RpcReplyPort<()>),
-    /// From a policy actor hydrating: the entity's newest snapshot not yet
-    /// committed, which is newer than anything the store holds.
-    PendingFor(EntityKey, RpcReplyPort<Option<Snapshot>>),
-    /// From the app, once the router exists: where to report entities whose
-    /// snapshot the events table contradicts.
-    SetRouter(ActorRef<RouterMsg>),
-    /// To itself: commit now (batch delay elapsed, batch full, retry).
-    Commit,
-    /// From the systemd watchdog: answered at once unless the writer is
-    /// stuck inside a commit (a lock it waits on, a hung connection), in
-    /// which case the watchdog stops pinging and systemd restarts us.
-    Ping(RpcReplyPort<()>),
-    /// From the app at shutdown: commit everything, retrying until the
-    /// deadline; reply with the number of snapshots that could not be.
-    Drain(Instant, RpcReplyPort<usize>),
-}
 
 /// Start arguments.
 pub struct WriterArgs {

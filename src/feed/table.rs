@@ -44,7 +44,7 @@
 //!   `commit_xid`: every transaction that had started has finished and been
 //!   read) and those events are folded and their snapshots committed.
 
-use crate::actors::router::RouterMsg;
+use crate::actors::messages::RouterMsg;
 use crate::model::event::Event;
 use crate::reducer::Reducer;
 use crate::settings::FeedSettings;
