@@ -2,9 +2,10 @@
 //! shutdown in the reverse order, each step bounded by the grace period.
 
 use crate::actors::ingest::{self, IngestContext};
+use crate::actors::messages::{RouterMsg, WriterMsg};
 use crate::actors::policy::PolicyConfig;
-use crate::actors::router::{Router, RouterArgs, RouterMsg};
-use crate::actors::writer::{Writer, WriterArgs, WriterMsg};
+use crate::actors::router::{Router, RouterArgs};
+use crate::actors::writer::{Writer, WriterArgs};
 use crate::error::chain;
 use crate::feed::table::{FeedHandle, TableFeed};
 use crate::model::event::Limits;
@@ -105,6 +106,9 @@ impl App {
             "Store ready."
         );
         let stats = Arc::new(Stats::new());
+        stats
+            .writer_pending_limit
+            .set(settings.writer.max_pending as i64);
 
         let (writer, _) = Actor::spawn(
             None,

@@ -15,7 +15,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(
     name = "snapshotd",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SNAPSHOTD_COMMIT"), ")"),
     about = "Keeps snapshots of event-sourced entities current."
 )]
 struct Args {

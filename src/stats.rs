@@ -43,6 +43,10 @@ pub mod names {
     pub const STORE_UP: &str = "store_up";
     pub const WRITE_LATENCY: &str = "write_latency_seconds";
     pub const WRITE_BATCH: &str = "write_batch_size";
+    pub const WRITER_PENDING_LIMIT: &str = "writer_pending_limit";
+    pub const VERIFY_CHECKED: &str = "verify_checked";
+    pub const VERIFY_MISMATCH: &str = "verify_mismatch";
+    pub const BUILD_INFO: &str = "build_info";
 }
 
 /// The `kind` label of refused frames.
@@ -50,6 +54,17 @@ pub mod names {
 pub struct KindLabel {
     pub kind: &'static str,
 }
+
+/// The labels of `snapshotd_build_info` (always 1).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabel {
+    pub version: &'static str,
+    pub commit: &'static str,
+}
+
+/// The version and commit this binary was built from (`build.rs`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const COMMIT: &str = env!("SNAPSHOTD_COMMIT");
 
 /// Shared by every part of the daemon.
 #[derive(Debug)]
@@ -70,6 +85,10 @@ pub struct Stats {
     pub passivations_for_room: Counter,
     pub feed_events: Counter,
     pub feed_errors: Counter,
+    /// Snapshot rows the background scrub rebuilt from the events table.
+    pub verify_checked: Counter,
+    /// Rows the scrub found different from their rebuild.
+    pub verify_mismatch: Counter,
     /// Sequence of the last event the table feed read (0: not following).
     pub feed_cursor: Gauge,
     /// Sequences between the table's newest event and the feed's cursor.
@@ -83,6 +102,8 @@ pub struct Stats {
     pub active_entities: Gauge,
     pub connections: Gauge,
     pub writer_pending: Gauge,
+    /// `writer.max_pending`: the bound `writer_pending` stops at.
+    pub writer_pending_limit: Gauge,
     pub store_up: Gauge,
     pub write_latency: Histogram,
     pub write_batch: Histogram,
@@ -139,6 +160,9 @@ impl Default for Stats {
             active_entities: Gauge::default(),
             connections: Gauge::default(),
             writer_pending: Gauge::default(),
+            writer_pending_limit: Gauge::default(),
+            verify_checked: Counter::default(),
+            verify_mismatch: Counter::default(),
             store_up: Gauge::default(),
             write_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             write_batch: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
@@ -161,7 +185,17 @@ impl Stats {
         let mut stats = Stats::default();
         let r = &mut stats.registry;
         use names::*;
-        let counters: [(&str, &str, &Counter); 15] = [
+        let counters: [(&str, &str, &Counter); 17] = [
+            (
+                VERIFY_CHECKED,
+                "Snapshot rows the background scrub rebuilt from the events table and compared.",
+                &stats.verify_checked,
+            ),
+            (
+                VERIFY_MISMATCH,
+                "Snapshot rows whose state differs from the events table's replay (scrub).",
+                &stats.verify_mismatch,
+            ),
             (
                 SNAPSHOTS_TOO_LARGE,
                 "Snapshots not written: state larger than policy.max_state_bytes (retried later).",
@@ -241,6 +275,18 @@ impl Stats {
         for (name, help, counter) in counters {
             r.register(name, help, counter.clone());
         }
+        let build_info = Family::<BuildLabel, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabel {
+                version: VERSION,
+                commit: COMMIT,
+            })
+            .set(1);
+        r.register(
+            BUILD_INFO,
+            "The version and commit of this binary (always 1).",
+            build_info,
+        );
         r.register(
             EVENTS_INVALID,
             "Frames refused, by kind.",
@@ -256,7 +302,12 @@ impl Stats {
             "Age in seconds of the oldest event the table feed has not read (0 when caught up).",
             stats.feed_lag.clone(),
         );
-        let gauges: [(&str, &str, &Gauge); 6] = [
+        let gauges: [(&str, &str, &Gauge); 7] = [
+            (
+                WRITER_PENDING_LIMIT,
+                "writer.max_pending: the most snapshots the writer holds before senders wait.",
+                &stats.writer_pending_limit,
+            ),
             (
                 FEED_CURSOR,
                 "Sequence of the last event the table feed read.",
@@ -411,6 +462,7 @@ mod tests {
             "snapshotd_store_up 1",
             "snapshotd_write_latency_seconds_count 1",
             "snapshotd_write_batch_size_sum 5.0",
+            &format!("snapshotd_build_info{{version=\"{VERSION}\",commit=\"{COMMIT}\"}} 1"),
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
