@@ -15,7 +15,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(
     name = "snapshotd",
-    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SNAPSHOTD_COMMIT"), ")"),
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("BUILT_FROM_COMMIT"), ")"),
     about = "Keeps snapshots of event-sourced entities current."
 )]
 struct Args {

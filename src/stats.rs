@@ -64,7 +64,7 @@ pub struct BuildLabel {
 
 /// The version and commit this binary was built from (`build.rs`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-pub const COMMIT: &str = env!("SNAPSHOTD_COMMIT");
+pub const COMMIT: &str = env!("BUILT_FROM_COMMIT");
 
 /// Shared by every part of the daemon.
 #[derive(Debug)]
@@ -414,7 +414,7 @@ impl Stats {
                 by_kind.insert(kind.to_string(), json!(n));
             }
         }
-        json!({
+        let mut all = json!({
             names::EVENTS_RECEIVED: self.events_received.get(),
             names::EVENTS_INVALID: invalid,
             names::EVENTS_DUPLICATE: self.events_duplicate.get(),
@@ -440,7 +440,19 @@ impl Stats {
             names::WRITER_PENDING: self.writer_pending.get(),
             names::STORE_UP: self.store_up.get() == 1,
             "uptime_secs": self.started.elapsed().as_secs(),
-        })
+        });
+        // (json! stops at its recursion limit beyond this many keys.)
+        let more = [
+            (names::WRITER_PENDING_LIMIT, self.writer_pending_limit.get()),
+            (names::VERIFY_CHECKED, self.verify_checked.get() as i64),
+            (names::VERIFY_MISMATCH, self.verify_mismatch.get() as i64),
+        ];
+        if let Some(map) = all.as_object_mut() {
+            for (name, value) in more {
+                map.insert(name.to_string(), json!(value));
+            }
+        }
+        all
     }
 }
 
