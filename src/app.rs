@@ -176,6 +176,27 @@ impl App {
         } else {
             (FeedHandle::off(), None)
         };
+        if settings.verify.interval_secs > 0 {
+            if reducer == Reducer::Stabilize {
+                tokio::spawn(crate::verify::scrub(
+                    store.clone(),
+                    reducer,
+                    settings.verify.clone(),
+                    stats.clone(),
+                    stop_rx.clone(),
+                ));
+                tracing::info!(
+                    interval_secs = settings.verify.interval_secs,
+                    sample = settings.verify.sample,
+                    "Verify scrub on."
+                );
+            } else {
+                tracing::warn!(
+                    "verify.interval_secs is set but the scrub replays stabilize's events table, \
+                     which only the stabilize reducer reads; the scrub is off."
+                );
+            }
+        }
         let ctx = IngestContext {
             router: router.clone(),
             writer: writer.clone(),

@@ -39,3 +39,4 @@ pub mod settings;
 pub mod stats;
 pub mod store;
 pub mod telemetry;
+pub mod verify;

@@ -21,6 +21,7 @@ pub struct Settings {
     pub reducer: ReducerSettings,
     pub writer: WriterSettings,
     pub shutdown: ShutdownSettings,
+    pub verify: VerifySettings,
     pub metrics: MetricsSettings,
     pub log: LogSettings,
 }
@@ -117,6 +118,15 @@ pub struct WriterSettings {
 pub struct ShutdownSettings {
     pub grace_secs: u64,
     pub snapshot_on_shutdown: bool,
+}
+
+/// `[verify]`: the background scrub.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifySettings {
+    /// Seconds between scrub rounds; 0: off.
+    pub interval_secs: u64,
+    /// Fraction of snapshotted workflows a round checks.
+    pub sample: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -292,6 +302,16 @@ impl Settings {
             grace_secs: c.positive("shutdown.grace_secs"),
             snapshot_on_shutdown: c.get("shutdown.snapshot_on_shutdown"),
         };
+        let verify = VerifySettings {
+            interval_secs: c.get("verify.interval_secs"),
+            sample: c.get("verify.sample"),
+        };
+        if !(verify.sample > 0.0 && verify.sample <= 1.0) {
+            c.problem(
+                "verify.sample",
+                format!("{} is not a fraction in (0, 1]", verify.sample),
+            );
+        }
         let address: String = c.get("metrics.address");
         if !address.is_empty() && address.parse::<std::net::SocketAddr>().is_err() {
             c.problem(
@@ -321,6 +341,7 @@ impl Settings {
                 reducer,
                 writer,
                 shutdown,
+                verify,
                 metrics,
                 log,
             })
@@ -454,7 +475,8 @@ mod tests {
         std::fs::write(
             &file,
             "[policy]\nevent_interval = 0\ntime_interval_secs = \"soon\"\nevnt = 1\n\
-             [socket]\nmode = \"999\"\n[reducer]\nkind = \"sum\"\n[nonsense]\nx = 1\n",
+             [socket]\nmode = \"999\"\n[reducer]\nkind = \"sum\"\n[nonsense]\nx = 1\n\
+             [verify]\nsample = 2.0\n",
         )
         .unwrap();
         let err = Settings::load(&Sources {
@@ -470,6 +492,7 @@ mod tests {
             "socket.mode",
             "reducer.kind",
             "nonsense",
+            "verify.sample",
         ] {
             assert!(text.contains(key), "{key} missing from: {text}");
         }

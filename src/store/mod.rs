@@ -298,6 +298,36 @@ impl Store {
         }
     }
 
+    /// Up to `limit` ids of workflows with a stored snapshot, after `after`
+    /// in id order (a page of a scan that holds no long transaction).
+    pub async fn workflows_with_snapshots_after(
+        &self,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let op = StoreError::query("list the snapshotted workflows");
+        match self {
+            Store::Postgres(s) => sqlx::query_scalar(
+                "SELECT DISTINCT entity_id FROM snapshots WHERE entity_type = 'workflow' \
+                 AND entity_id > $1 ORDER BY entity_id LIMIT $2",
+            )
+            .bind(after)
+            .bind(limit)
+            .fetch_all(s.pool())
+            .await
+            .map_err(op),
+            Store::Sqlite(s) => sqlx::query_scalar(
+                "SELECT DISTINCT entity_id FROM snapshots WHERE entity_type = 'workflow' \
+                 AND entity_id > ?1 ORDER BY entity_id LIMIT ?2",
+            )
+            .bind(after)
+            .bind(limit)
+            .fetch_all(s.pool())
+            .await
+            .map_err(op),
+        }
+    }
+
     /// Whether any snapshot of the entity is stored (no read of its state).
     pub async fn has_snapshot(&self, key: &EntityKey) -> Result<bool, StoreError> {
         let op = StoreError::query("look for an entity's snapshot");

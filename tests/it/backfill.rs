@@ -2,7 +2,7 @@
 //! existed: exact snapshots, `--every`, and an interrupted run resumed.
 
 use crate::crosscheck::{generate_with, verify};
-use crate::helpers::Backend;
+use crate::helpers::{Backend, Daemon, eventually};
 use std::process::{Command, Output, Stdio};
 
 fn backfill(backend: &Backend, extra: &[&str]) -> Output {
@@ -147,7 +147,12 @@ async fn replay_catches_a_consistent_forgery(backend: Backend) {
     use snapshotd::model::canonical::state_hash;
     let dir = tempfile::tempdir().unwrap();
     generate_with(&backend, dir.path(), 40, false, &[]);
-    assert!(backfill(&backend, &["--every", "3"]).status.success());
+    let filled = backfill(&backend, &["--every", "3"]);
+    assert!(
+        filled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&filled.stderr)
+    );
     let verify = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_snapshotd"))
             .args(["verify", "--database-url", &backend.url()])
@@ -197,6 +202,40 @@ async fn replay_catches_a_consistent_forgery(backend: Backend) {
     let named = verify(&["--replay", "--workflow", &workflow]);
     assert!(!named.status.success());
     assert!(verify(&["--replay", "--sample", "0"]).status.code() != Some(0));
+
+    // The daemon's background scrub finds it too, and counts every row.
+    let mut rows = 0;
+    for id in store.workflows_with_snapshots().await.unwrap() {
+        let key = snapshotd::model::EntityKey::new(snapshotd::model::EntityType::Workflow, id);
+        rows += store.snapshots_of(&key).await.unwrap().len() as u64;
+    }
+    // The table feed off: nothing new is written while the scrub reads.
+    let daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        "[feed]\ntable = \"off\"\n[verify]\ninterval_secs = 1\nsample = 1.0\n",
+    );
+    let stats = eventually(60, "a full scrub round", || {
+        let stats = daemon.command(serde_json::json!({"op": "stats"}))["stats"].clone();
+        (stats["verify_checked"].as_u64()? >= rows).then_some(stats)
+    });
+    assert!(stats["verify_mismatch"].as_u64() >= Some(1), "{stats}");
+    let log = daemon.log();
+    assert!(
+        log.contains(&format!("workflow/{workflow} version {}", forged.version))
+            && log.contains("differs from the replay at `status`"),
+        "{log}"
+    );
+    // Only the forged row: at most one mismatch per round begun.
+    let mismatch = stats["verify_mismatch"].as_u64().unwrap();
+    let checked = stats["verify_checked"].as_u64().unwrap();
+    assert!(mismatch <= checked.div_ceil(rows), "{rows} rows: {stats}");
+    assert_eq!(
+        log.matches("Verify scrub: a stored snapshot differs")
+            .count() as u64,
+        mismatch,
+        "{log}"
+    );
 }
 
 #[tokio::test]
