@@ -226,10 +226,12 @@ fn main() {
         std::io::BufReader::new(s).read_line(&mut line).unwrap();
         serde_json::from_str::<serde_json::Value>(&line).unwrap()["stats"].clone()
     };
+    let terminated = Instant::now();
     let _ = Command::new("kill")
         .args(["-TERM", &daemon.id().to_string()])
         .status();
     let status = daemon.wait().unwrap();
+    let shutdown = terminated.elapsed().as_secs_f64();
 
     println!(
         "backend:            {}",
@@ -255,7 +257,13 @@ fn main() {
         rss >> 10,
         hwm >> 10
     );
-    println!("daemon exit:        {status}");
+    println!(
+        "active at the end:  {} entities ({:.1} KiB RSS each over idle)",
+        stats["active_entities"],
+        (rss.saturating_sub(rss_idle)) as f64
+            / stats["active_entities"].as_f64().unwrap_or(0.0).max(1.0)
+    );
+    println!("SIGTERM to exit:    {shutdown:.2} s, {status}");
 
     if let Some(name) = drop_db {
         runtime.block_on(async {

@@ -314,6 +314,7 @@ impl App {
             tracing::warn!("The table feed did not stop in time.");
         }
         let snapshot = self.settings.shutdown.snapshot_on_shutdown;
+        let _ = self.writer.cast(WriterMsg::ShutdownBegins);
         let drained = self
             .router
             .call(|reply| RouterMsg::Drain { snapshot, reply }, Some(left()))

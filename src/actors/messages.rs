@@ -116,6 +116,9 @@ pub enum WriterMsg {
     /// stuck inside a commit (a lock it waits on, a hung connection), in
     /// which case the watchdog stops pinging and systemd restarts us.
     Ping(RpcReplyPort<()>),
+    /// From the app, before the policy actors hand over their final
+    /// snapshots: commit in large batches from now on.
+    ShutdownBegins,
     /// From the app at shutdown: commit everything, retrying until the
     /// deadline; reply with the number of snapshots that could not be.
     Drain(Instant, RpcReplyPort<usize>),

@@ -10,7 +10,7 @@ use crate::model::{EntityKey, PreparedSnapshot};
 use crate::stats::Stats;
 use crate::store::{EventsTableWatch, Store};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
@@ -30,6 +30,10 @@ pub struct WriterArgs {
 
 pub struct Writer;
 
+/// How many times `writer.batch_size` one transaction takes when draining
+/// at shutdown or when that many batches are waiting.
+const BACKLOG_BATCH_FACTOR: usize = 10;
+
 struct Pending {
     snapshot: Box<PreparedSnapshot>,
     ticket: u64,
@@ -40,10 +44,19 @@ pub struct WriterState {
     args: WriterArgs,
     router: Option<ActorRef<RouterMsg>>,
     pending: HashMap<EntityKey, Pending>,
+    /// The pending snapshots by ticket, oldest first: a batch is taken from
+    /// the front without sorting everything pending.
+    order: BTreeMap<u64, EntityKey>,
     next_ticket: u64,
     /// Flushes waiting for every ticket up to theirs.
     waiters: Vec<(u64, RpcReplyPort<()>)>,
+    /// A delayed commit is armed.
     commit_scheduled: bool,
+    /// An immediate commit is in the mailbox.
+    commit_queued: bool,
+    /// Every entity is handing over its final snapshot: batches are as
+    /// large as what is waiting allows.
+    shutting_down: bool,
     /// Non-zero while the store is failing.
     backoff: Duration,
     draining: Option<(Instant, RpcReplyPort<usize>)>,
@@ -63,9 +76,12 @@ impl Actor for Writer {
             args,
             router: None,
             pending: HashMap::new(),
+            order: BTreeMap::new(),
             next_ticket: 1,
             waiters: Vec::new(),
             commit_scheduled: false,
+            commit_queued: false,
+            shutting_down: false,
             backoff: Duration::ZERO,
             draining: None,
         })
@@ -87,7 +103,8 @@ impl Actor for Writer {
                     .get(&key)
                     .is_none_or(|old| snapshot.version >= old.snapshot.version);
                 if newer {
-                    state.pending.insert(
+                    state.order.insert(ticket, key.clone());
+                    let old = state.pending.insert(
                         key,
                         Pending {
                             snapshot,
@@ -95,10 +112,19 @@ impl Actor for Writer {
                             _permit: permit,
                         },
                     );
+                    if let Some(old) = old {
+                        state.order.remove(&old.ticket);
+                    }
                 }
                 state.publish_depth();
                 if state.pending.len() >= state.args.batch_size && state.backoff.is_zero() {
-                    state.commit(&myself).await;
+                    if state.shutting_down {
+                        // Behind the snapshots already in the mailbox: the
+                        // batch takes them too (up to its limit).
+                        state.schedule(&myself, Duration::ZERO);
+                    } else {
+                        state.commit(&myself).await;
+                    }
                 } else {
                     state.schedule(&myself, state.args.batch_delay);
                 }
@@ -121,10 +147,13 @@ impl Actor for Writer {
             }
             WriterMsg::Commit => {
                 state.commit_scheduled = false;
+                state.commit_queued = false;
                 state.commit(&myself).await;
             }
+            WriterMsg::ShutdownBegins => state.shutting_down = true,
             WriterMsg::Drain(deadline, reply) => {
                 state.draining = Some((deadline, reply));
+                state.shutting_down = true;
                 state.backoff = Duration::ZERO;
                 state.commit(&myself).await;
             }
@@ -134,14 +163,19 @@ impl Actor for Writer {
 }
 
 impl WriterState {
+    /// Commit after `after`; with zero, as soon as the messages already
+    /// queued are handled, even if a delayed commit is armed (it then
+    /// finds little or nothing to do).
     fn schedule(&mut self, myself: &ActorRef<WriterMsg>, after: Duration) {
-        if !self.commit_scheduled {
+        if self.commit_queued {
+            return;
+        }
+        if after.is_zero() {
+            self.commit_queued = true;
+            let _ = myself.cast(WriterMsg::Commit);
+        } else if !self.commit_scheduled {
             self.commit_scheduled = true;
-            if after.is_zero() {
-                let _ = myself.cast(WriterMsg::Commit);
-            } else {
-                myself.send_after(after, || WriterMsg::Commit);
-            }
+            myself.send_after(after, || WriterMsg::Commit);
         }
     }
 
@@ -158,11 +192,16 @@ impl WriterState {
             self.finish_drain_if_done();
             return;
         }
-        let mut batch: Vec<&Pending> = self.pending.values().collect();
-        batch.sort_unstable_by_key(|p| p.ticket);
-        batch.truncate(self.args.batch_size);
-        let keys: Vec<EntityKey> = batch.iter().map(|p| p.snapshot.key.clone()).collect();
-        let snapshots: Vec<&PreparedSnapshot> = batch.iter().map(|p| &*p.snapshot).collect();
+        // At shutdown, or behind by several batches: larger transactions
+        // (fewer commits and fsyncs for the same rows).
+        let limit = if self.shutting_down || self.pending.len() >= 4 * self.args.batch_size {
+            self.args.batch_size * BACKLOG_BATCH_FACTOR
+        } else {
+            self.args.batch_size
+        };
+        let keys: Vec<EntityKey> = self.order.values().take(limit).cloned().collect();
+        let snapshots: Vec<&PreparedSnapshot> =
+            keys.iter().map(|k| &*self.pending[k].snapshot).collect();
         let store = &self.args.store;
         let covered = self.args.events_table.check().await;
         let started = std::time::Instant::now();
@@ -193,7 +232,9 @@ impl WriterState {
                     }
                 }
                 for key in &keys {
-                    self.pending.remove(key);
+                    if let Some(done) = self.pending.remove(key) {
+                        self.order.remove(&done.ticket);
+                    }
                 }
                 if let Err(error) = store.prune_entities(&keys, self.args.keep_snapshots).await {
                     tracing::warn!(error = %chain(&error), "Pruning old snapshots failed; will prune on a later batch.");
@@ -232,12 +273,7 @@ impl WriterState {
     }
 
     fn answer_waiters(&mut self) {
-        let oldest = self
-            .pending
-            .values()
-            .map(|p| p.ticket)
-            .min()
-            .unwrap_or(u64::MAX);
+        let oldest = self.order.keys().next().copied().unwrap_or(u64::MAX);
         let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
             .into_iter()
             .partition(|(upto, _)| *upto < oldest);

@@ -1,5 +1,8 @@
-//! The SQLite backend, the embedded default: one prepared upsert per row,
-//! all rows of a batch in one transaction.
+//! The SQLite backend, the embedded default: all rows of a batch in one
+//! transaction, written by multi-row upserts of [`ROWS_PER_STATEMENT`] rows
+//! (each statement crosses to sqlx's worker thread, so one per row cost
+//! more than the row), or one row at a time where a row is refused or an
+//! entity appears twice in the batch.
 
 use super::schema::{SQLITE_SNAPSHOTS, missing_columns};
 use super::{BatchOutcome, Rejected, StoreError, StoredRow};
@@ -29,13 +32,51 @@ ON CONFLICT (entity_type, entity_id, version) DO UPDATE SET
 WHERE snapshots.state_hash IS NOT excluded.state_hash
    OR snapshots.sequence <> excluded.sequence";
 
+/// Rows per multi-row upsert (8 parameters each: well under SQLite's
+/// 32,766), and entities per prune statement.
+const ROWS_PER_STATEMENT: usize = 200;
+
+/// [`UPSERT`] for `rows` rows at once: the same condition and conflict
+/// rule, judged for every row against the table as it was before the
+/// statement (so the rows must be of distinct entities).
+fn multi_upsert(rows: usize) -> String {
+    let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; rows].join(", ");
+    format!(
+        "INSERT INTO snapshots
+    (entity_type, entity_id, workflow_id, version, sequence, state, state_hash, created_at)
+SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8
+FROM (VALUES {values}) AS v
+WHERE NOT EXISTS (
+    SELECT 1 FROM snapshots s
+    WHERE s.entity_type = v.column1 AND s.entity_id = v.column2 AND s.version > v.column4)
+ON CONFLICT (entity_type, entity_id, version) DO UPDATE SET
+    workflow_id = excluded.workflow_id,
+    sequence = excluded.sequence,
+    state = excluded.state,
+    state_hash = excluded.state_hash,
+    created_at = excluded.created_at
+WHERE snapshots.state_hash IS NOT excluded.state_hash
+   OR snapshots.sequence <> excluded.sequence"
+    )
+}
+
+/// Delete all but the newest `keep` rows of `keys` entities (the last
+/// parameter), in one statement.
+fn multi_prune(keys: usize) -> String {
+    let values = vec!["(?, ?)"; keys].join(", ");
+    format!(
+        "DELETE FROM snapshots WHERE id IN (
+    SELECT id FROM (
+        SELECT s.id, row_number() OVER (
+            PARTITION BY s.entity_type, s.entity_id ORDER BY s.version DESC) AS rn
+        FROM snapshots s
+        JOIN (VALUES {values}) AS k ON s.entity_type = k.column1 AND s.entity_id = k.column2
+    ) WHERE rn > ?)"
+    )
+}
+
 const SELECT_ROW: &str = "SELECT entity_type, entity_id, workflow_id, version, sequence, \
      state, state_hash, created_at FROM snapshots";
-
-const PRUNE_ENTITY: &str = "
-DELETE FROM snapshots WHERE entity_type = ?1 AND entity_id = ?2 AND id NOT IN (
-    SELECT id FROM snapshots WHERE entity_type = ?1 AND entity_id = ?2
-    ORDER BY version DESC LIMIT ?3)";
 
 const PRUNE_ALL: &str = "
 DELETE FROM snapshots WHERE id IN (
@@ -62,6 +103,9 @@ impl SqliteStore {
             // DELETE on every connection it opens to a shared file.
             .create_if_missing(true)
             .synchronous(SqliteSynchronous::Normal)
+            // 64 MiB of page cache per connection instead of 2 MiB: batches
+            // of thousands of rows touch index pages all over the file.
+            .pragma("cache_size", "-65536")
             .busy_timeout(Duration::from_secs(10));
         let path = options.get_filename();
         if let Some(dir) = Path::new(path)
@@ -120,7 +164,34 @@ impl SqliteStore {
             .await
             .map_err(StoreError::query("begin a transaction"))?;
         let mut outcome = BatchOutcome::default();
-        for row in rows {
+        let distinct = rows
+            .iter()
+            .map(|r| &r.key)
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            == rows.len();
+        let mut one_by_one: Vec<&PreparedSnapshot> = Vec::new();
+        if distinct {
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                match upsert_many(&mut tx, chunk).await {
+                    Ok(written) => {
+                        outcome.written += written;
+                        outcome.skipped += chunk.len() as u64 - written;
+                    }
+                    // The statement rolled back alone: find the row.
+                    Err(error) if is_row_error(&error) => one_by_one.extend(chunk.iter().copied()),
+                    Err(source) => {
+                        return Err(StoreError::Query {
+                            op: "upsert snapshots",
+                            source,
+                        });
+                    }
+                }
+            }
+        } else {
+            one_by_one.extend(rows.iter().copied());
+        }
+        for row in &one_by_one {
             match upsert(&mut tx, row).await {
                 Ok(written) => {
                     outcome.written += written;
@@ -194,10 +265,13 @@ impl SqliteStore {
                     .await
                     .map_err(StoreError::query("begin a transaction"))?;
                 let mut deleted = 0;
-                for key in keys {
-                    deleted += sqlx::query(PRUNE_ENTITY)
-                        .bind(key.entity_type.as_str())
-                        .bind(&*key.entity_id)
+                for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+                    let sql = multi_prune(chunk.len());
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for key in chunk {
+                        query = query.bind(key.entity_type.as_str()).bind(&*key.entity_id);
+                    }
+                    deleted += query
                         .bind(i64::from(keep))
                         .execute(&mut *tx)
                         .await
@@ -247,6 +321,30 @@ async fn upsert(
         .execute(&mut **tx)
         .await?;
     Ok(result.rows_affected())
+}
+
+/// [`multi_upsert`] of `rows` (distinct entities); the rows written.
+async fn upsert_many(
+    tx: &mut Transaction<'_, Sqlite>,
+    rows: &[&PreparedSnapshot],
+) -> Result<u64, sqlx::Error> {
+    let created: Vec<String> = rows
+        .iter()
+        .map(|s| s.created_at.format(CREATED_AT_FORMAT).to_string())
+        .collect();
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(multi_upsert(rows.len())));
+    for (s, created) in rows.iter().zip(&created) {
+        query = query
+            .bind(s.key.entity_type.as_str())
+            .bind(&*s.key.entity_id)
+            .bind(&*s.workflow_id)
+            .bind(i64::from(s.version))
+            .bind(s.sequence)
+            .bind(s.state_text.as_str())
+            .bind(s.state_hash.as_str())
+            .bind(created.as_str());
+    }
+    Ok(query.execute(&mut **tx).await?.rows_affected())
 }
 
 /// Constraint (19), type mismatch (20) and too-big (18) errors are the
