@@ -344,3 +344,65 @@ async fn a_hundred_thousand_idle_entities_are_all_snapshotted_and_passivated() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The bound holds under a burst of new entities: with
+/// `max_active_entities` 1,000, 20,000 workflows streamed at once leave at
+/// most 1,000 actors alive, the rest passivated early with their snapshot,
+/// and SIGTERM snapshots what is left, so every one of them ends with its
+/// snapshot.
+async fn a_burst_of_entities_stays_within_the_bound(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        "[policy]\nevent_interval = 100\nmax_active_entities = 1000\n",
+    );
+    let n = 20_000;
+    let lines = (0..n).map(|i| String::from_utf8(event(i + 1, &format!("burst{i}"))).unwrap());
+    let file = write_lines(dir.path(), "burst.ndjson", lines);
+    let out = daemon.send_file(&file, true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats = stats(&daemon);
+    assert!(
+        stats["active_entities"].as_i64().unwrap() <= 1000,
+        "{stats}"
+    );
+    assert!(
+        stats["passivations_for_room"].as_i64().unwrap() >= n - 1000,
+        "{stats}"
+    );
+    let status = daemon.terminate();
+    assert!(status.success(), "{status:?}\n{}", daemon.log());
+    let store = backend.store().await;
+    let mut missing = Vec::new();
+    for i in 0..n {
+        let key = snapshotd::model::EntityKey::new(
+            snapshotd::model::EntityType::Workflow,
+            format!("burst{i}"),
+        );
+        match store.latest(&key).await.unwrap() {
+            Some(snapshot) if snapshot.version == 1 => {}
+            other => missing.push((i, other.map(|s| s.version))),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {n} without their snapshot, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
+
+#[tokio::test]
+async fn a_burst_of_entities_stays_within_the_bound_on_sqlite() {
+    a_burst_of_entities_stays_within_the_bound(Backend::sqlite()).await;
+}
+
+#[tokio::test]
+async fn a_burst_of_entities_stays_within_the_bound_on_postgres() {
+    a_burst_of_entities_stays_within_the_bound(Backend::postgres().await).await;
+}
