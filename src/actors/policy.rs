@@ -186,14 +186,17 @@ impl Actor for Policy {
         msg: PolicyMsg,
         state: &mut PolicyState,
     ) -> Result<(), ActorProcessingErr> {
+        // Every handler that awaits I/O runs boxed: the actor's task holds
+        // its future only while handling a message, so an idle actor costs
+        // a small task instead of the largest handler's state machine.
         match msg {
-            PolicyMsg::Hydrate => match state.hydrate(state.stashed_upto()).await {
+            PolicyMsg::Hydrate => match Box::pin(state.hydrate(state.stashed_upto())).await {
                 Ok(()) => {
                     state.hydrated = true;
                     for msg in std::mem::take(&mut state.stash) {
-                        state.process(&myself, msg).await;
+                        Box::pin(state.process(&myself, msg)).await;
                     }
-                    state.after_change(&myself).await;
+                    Box::pin(state.after_change(&myself)).await;
                 }
                 Err(error) => {
                     if error.is_transient() {
@@ -212,7 +215,7 @@ impl Actor for Policy {
                 }
                 state.stash.push(msg);
             }
-            msg => state.process(&myself, msg).await,
+            msg => Box::pin(state.process(&myself, msg)).await,
         }
         Ok(())
     }
