@@ -3,6 +3,7 @@
 //! `SNAPSHOTD_<SECTION>__<KEY>` environment variables. Validation reports
 //! every bad or unknown key at once, each by name.
 
+use crate::reducer::Reducer;
 use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -104,6 +105,17 @@ pub struct ReducerSettings {
 pub enum ReducerKind {
     Stabilize,
     Merge,
+}
+
+// Here rather than beside `Reducer`: the pure domain (model, reducer) names
+// nothing of the daemon, so it also builds alone (fuzz/ compiles it so).
+impl From<ReducerKind> for Reducer {
+    fn from(kind: ReducerKind) -> Self {
+        match kind {
+            ReducerKind::Stabilize => Reducer::Stabilize,
+            ReducerKind::Merge => Reducer::Merge,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -394,11 +394,12 @@ pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     let (micros, rest) = (nanos / 1000, nanos % 1000);
     let round_up = rest > 500 || (rest == 500 && micros % 2 == 1);
     let truncated = parsed.with_nanosecond(micros * 1000)?;
-    Some(if round_up {
-        truncated + chrono::Duration::microseconds(1)
+    if round_up {
+        // None past chrono's last instant (year 262142), which `+` panicked on.
+        truncated.checked_add_signed(chrono::Duration::microseconds(1))
     } else {
-        truncated
-    })
+        Some(truncated)
+    }
 }
 
 /// An instant as Python's `isoformat()` renders an aware UTC datetime:
@@ -471,6 +472,16 @@ mod tests {
             "2026-11-26T03:59:48.000002+00:00"
         );
         assert!(parse_timestamp("yesterday").is_none());
+    }
+
+    #[test]
+    fn a_time_that_rounds_past_the_last_instant_is_refused_not_a_panic() {
+        // Found by fuzzing: rounding up to the microsecond overflowed.
+        assert!(parse_timestamp("+262142-12-31T23:59:59.9999995").is_none());
+        assert!(parse_timestamp("+262142-12-31T23:59:59.999999+00:00").is_some());
+        let line = event_line(r#","timestamp":"+262142-12-31T23:59:59.9999995+00:00""#);
+        let err = decode(line.as_bytes(), LIMITS).unwrap_err().to_string();
+        assert!(err.contains("is not an ISO 8601 time"), "{err}");
     }
 
     #[test]

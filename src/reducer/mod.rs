@@ -8,7 +8,6 @@ pub mod stabilize;
 
 use crate::model::event::Event;
 use crate::model::{EntityKey, EntityType};
-use crate::settings::ReducerKind;
 use serde_json::{Map, Value};
 
 /// The configured reducer.
@@ -16,15 +15,6 @@ use serde_json::{Map, Value};
 pub enum Reducer {
     Stabilize,
     Merge,
-}
-
-impl From<ReducerKind> for Reducer {
-    fn from(kind: ReducerKind) -> Self {
-        match kind {
-            ReducerKind::Stabilize => Reducer::Stabilize,
-            ReducerKind::Merge => Reducer::Merge,
-        }
-    }
 }
 
 impl Reducer {

@@ -9,6 +9,7 @@ mod crosscheck;
 mod daemon;
 mod feed;
 mod float_repr;
+mod fuzz_socket;
 mod producers;
 mod stabilize_store;
 mod store;
