@@ -150,6 +150,15 @@ pub fn normalize_number(literal: &str) -> Result<String, CanonicalError> {
     if dscale > 0 {
         out.push('.');
         out.push_str(&frac_digits);
+        // Python reads a JSONB number with a point as a float: past
+        // f64's range (309 integer digits) that is infinity, which
+        // stabilize can neither hash nor store again.
+        if int_digits.len() >= 309 && !out.parse::<f64>().is_ok_and(f64::is_finite) {
+            return Err(CanonicalError::NumberOutOfRange(
+                truncated(literal),
+                "Python reads it as an infinite float",
+            ));
+        }
     }
     Ok(out)
 }
@@ -610,6 +619,18 @@ mod tests {
     fn an_infinite_float_is_rejected() {
         let huge = format!("1{}.0", "0".repeat(400));
         assert!(python_number(&huge).is_err());
+        // JSONB keeps the digits, but Python reads them as a float: the
+        // same refusal (found by the fuzzer: 1 and 309 zeros, then .5).
+        let past = format!("1{}.5", "0".repeat(309));
+        assert!(matches!(
+            normalize_number(&past),
+            Err(CanonicalError::NumberOutOfRange(_, _))
+        ));
+        let within = format!("1{}.5", "0".repeat(300));
+        assert_eq!(normalize_number(&within).unwrap(), within);
+        // An integer of any size stays a Python int.
+        let integer = format!("1{}", "0".repeat(400));
+        assert_eq!(normalize_number(&integer).unwrap(), integer);
     }
 
     #[test]
