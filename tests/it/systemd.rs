@@ -188,8 +188,15 @@ async fn the_daemon_keeps_its_systemd_contract_ready_watchdog_and_stopping() {
             std::thread::sleep(std::time::Duration::from_secs(8));
         })
     };
-    // Give the probe in flight time to fail, then no ping may come.
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Once the daemon reports the writer stuck (pings sent before that,
+    // still buffered, are read here), no ping may come.
+    let before = notify.until(10, "writer not answering");
+    assert!(
+        before
+            .last()
+            .is_some_and(|m| m.contains("writer not answering")),
+        "the writer never got stuck: {before:?}"
+    );
     let stuck = notify.during(3.0);
     assert_eq!(
         pings(&stuck),
