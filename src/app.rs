@@ -139,6 +139,7 @@ impl App {
             Router,
             RouterArgs {
                 config,
+                lookups: crate::actors::lookup::Lookups::spawn(store.clone(), writer.clone()),
                 store: store.clone(),
                 writer: writer.clone(),
                 writer_permits: Arc::new(Semaphore::new(settings.writer.max_pending)),

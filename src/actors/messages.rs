@@ -107,6 +107,9 @@ pub enum WriterMsg {
     /// From a policy actor hydrating: the entity's newest snapshot not yet
     /// committed, which is newer than anything the store holds.
     PendingFor(EntityKey, RpcReplyPort<Option<Snapshot>>),
+    /// From the lookup service, for a batch of entities hydrating: the
+    /// newest uncommitted snapshot of each (`None` where there is none).
+    PendingMany(Vec<EntityKey>, RpcReplyPort<Vec<Option<Snapshot>>>),
     /// From the app, once the router exists: where to report entities whose
     /// snapshot the events table contradicts.
     SetRouter(ActorRef<RouterMsg>),

@@ -86,6 +86,8 @@ pub struct PolicyConfig {
 /// Start arguments.
 pub struct PolicyArgs {
     pub key: EntityKey,
+    /// Batched newest-snapshot lookups for hydration.
+    pub lookups: super::lookup::Lookups,
     pub config: Arc<PolicyConfig>,
     pub store: Store,
     pub writer: ActorRef<WriterMsg>,
@@ -364,30 +366,16 @@ impl PolicyState {
     /// The entity's newest snapshot: the writer's uncommitted one (newer
     /// than anything stored) or the store's verified latest.
     async fn newest_snapshot(&self) -> Result<Option<Base>, StoreError> {
-        let key = self.args.key.clone();
-        let pending = self
-            .args
-            .writer
-            .call(
-                |reply| WriterMsg::PendingFor(key.clone(), reply),
-                Some(Duration::from_secs(30)),
-            )
-            .await;
-        let mut snapshot = match pending {
-            Ok(ractor::rpc::CallResult::Success(found)) => found,
-            _ => None,
+        let key = &self.args.key;
+        let snapshot = match self.args.lookups.newest(key).await {
+            Ok(found) => found,
+            Err(error @ (StoreError::Integrity { .. } | StoreError::Corrupt { .. })) => {
+                tracing::error!(entity = %key, error = %chain(&error),
+                    "The latest snapshot fails verification; ignoring it and starting from the events.");
+                None
+            }
+            Err(error) => return Err(error),
         };
-        if snapshot.is_none() {
-            snapshot = match self.args.store.latest(&key).await {
-                Ok(found) => found,
-                Err(error @ (StoreError::Integrity { .. } | StoreError::Corrupt { .. })) => {
-                    tracing::error!(entity = %key, error = %chain(&error),
-                        "The latest snapshot fails verification; ignoring it and starting from the events.");
-                    None
-                }
-                Err(error) => return Err(error),
-            };
-        }
         Ok(snapshot.and_then(|s| match s.state {
             Value::Object(state) => Some(Base {
                 state,

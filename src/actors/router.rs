@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 
 /// Start arguments.
 pub struct RouterArgs {
+    pub lookups: super::lookup::Lookups,
     pub config: Arc<PolicyConfig>,
     pub store: Store,
     pub writer: ActorRef<WriterMsg>,
@@ -310,6 +311,7 @@ impl RouterState {
         }
         let args = PolicyArgs {
             key: key.clone(),
+            lookups: self.args.lookups.clone(),
             config: self.args.config.clone(),
             store: self.args.store.clone(),
             writer: self.args.writer.clone(),

@@ -141,6 +141,13 @@ impl Actor for Writer {
             WriterMsg::PendingFor(key, reply) => {
                 let _ = reply.send(state.pending.get(&key).map(|p| p.snapshot.to_snapshot()));
             }
+            WriterMsg::PendingMany(keys, reply) => {
+                let found = keys
+                    .iter()
+                    .map(|key| state.pending.get(key).map(|p| p.snapshot.to_snapshot()))
+                    .collect();
+                let _ = reply.send(found);
+            }
             WriterMsg::SetRouter(router) => state.router = Some(router),
             WriterMsg::Ping(reply) => {
                 let _ = reply.send(());

@@ -268,6 +268,29 @@ impl Store {
         row.map(StoredRow::into_snapshot).transpose()
     }
 
+    /// [`Store::latest`] of many entities in one query: for each key with a
+    /// stored snapshot, its newest row, verified (an `Err` per bad row).
+    pub async fn latest_many(
+        &self,
+        keys: &[EntityKey],
+    ) -> Result<Vec<(EntityKey, Result<Snapshot, StoreError>)>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = match self {
+            Store::Postgres(s) => s.latest_rows(keys).await?,
+            Store::Sqlite(s) => s.latest_rows(keys).await?,
+        };
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| {
+                let entity_type = row.entity_type.parse::<EntityType>().ok()?;
+                let key = EntityKey::new(entity_type, row.entity_id.as_str());
+                Some((key, row.into_snapshot()))
+            })
+            .collect())
+    }
+
     /// Every snapshot row of the entity, oldest version first; each is
     /// hash-verified (an `Err` names the row that fails).
     pub async fn snapshots_of(

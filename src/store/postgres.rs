@@ -225,6 +225,27 @@ impl PgStore {
         row.map(|r| decode(&r)).transpose()
     }
 
+    /// The newest row of each of `keys` that has one.
+    pub(super) async fn latest_rows(
+        &self,
+        keys: &[EntityKey],
+    ) -> Result<Vec<StoredRow>, StoreError> {
+        let types: Vec<&str> = keys.iter().map(|k| k.entity_type.as_str()).collect();
+        let ids: Vec<&str> = keys.iter().map(|k| &*k.entity_id).collect();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT DISTINCT ON (entity_type, entity_id) * FROM ({SELECT_ROW} \
+             WHERE (entity_type, entity_id) IN \
+               (SELECT * FROM UNNEST($1::text[], $2::text[]))) newest \
+             ORDER BY entity_type, entity_id, version DESC"
+        )))
+        .bind(&types)
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::query("read the latest snapshots"))?;
+        rows.iter().map(decode).collect()
+    }
+
     pub(super) async fn prune(
         &self,
         keys: Option<&[EntityKey]>,

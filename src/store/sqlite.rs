@@ -230,6 +230,34 @@ impl SqliteStore {
         rows.iter().map(decode).collect()
     }
 
+    /// The newest row of each of `keys` that has one.
+    pub(super) async fn latest_rows(
+        &self,
+        keys: &[EntityKey],
+    ) -> Result<Vec<StoredRow>, StoreError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+            let values = vec!["(?, ?)"; chunk.len()].join(", ");
+            let sql = format!(
+                "{SELECT_ROW} WHERE id IN (SELECT (SELECT s.id FROM snapshots s \
+                 WHERE s.entity_type = k.column1 AND s.entity_id = k.column2 \
+                 ORDER BY s.version DESC LIMIT 1) FROM (VALUES {values}) AS k)"
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for key in chunk {
+                query = query.bind(key.entity_type.as_str()).bind(&*key.entity_id);
+            }
+            let rows = query
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::query("read the latest snapshots"))?;
+            for row in &rows {
+                out.push(decode(row)?);
+            }
+        }
+        Ok(out)
+    }
+
     pub(super) async fn latest_row(
         &self,
         key: &EntityKey,

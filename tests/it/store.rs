@@ -188,3 +188,49 @@ async fn a_tampered_row_is_an_integrity_error_naming_the_entity() {
         assert!(bad[0].contains("workflow/tampered"), "{}", bad[0]);
     }
 }
+
+/// The batched hydration lookup answers what `latest` answers, per entity:
+/// the newest version of each (across statement chunks), nothing for an
+/// entity without a row, and an integrity error for a tampered row.
+#[tokio::test]
+async fn latest_many_equals_latest_for_every_entity() {
+    for backend in both().await {
+        let store = backend.store().await;
+        let mut batch = Vec::new();
+        for i in 0..450 {
+            for version in 1..=(1 + i % 3) {
+                batch.push(snap(
+                    &format!("m{i}"),
+                    version,
+                    json!({"i": i, "v": version}),
+                ));
+            }
+        }
+        store.save_batch(&batch).await.unwrap();
+        backend
+            .execute("UPDATE snapshots SET state = '{\"i\": 7, \"v\": 99}' WHERE entity_id = 'm7' AND version = 2")
+            .await;
+        let mut keys: Vec<EntityKey> = (0..450).map(|i| key(&format!("m{i}"))).collect();
+        keys.push(key("absent"));
+        let found = store.latest_many(&keys).await.unwrap();
+        assert_eq!(found.len(), 450, "{}", backend.url());
+        let mut tampered = 0;
+        for (key, got) in found {
+            match (got, store.latest(&key).await) {
+                (Ok(a), Ok(Some(b))) => {
+                    assert_eq!(
+                        (a.version, a.sequence, a.state),
+                        (b.version, b.sequence, b.state)
+                    );
+                }
+                (Err(StoreError::Integrity { .. }), Err(StoreError::Integrity { .. })) => {
+                    assert_eq!(&*key.entity_id, "m7");
+                    tampered += 1;
+                }
+                (a, b) => panic!("{key}: latest_many {a:?}, latest {b:?}"),
+            }
+        }
+        assert_eq!(tampered, 1);
+        store.close().await;
+    }
+}
