@@ -261,11 +261,15 @@ impl Store {
 
     /// The entity's snapshot with the highest version, hash verified.
     pub async fn latest(&self, key: &EntityKey) -> Result<Option<Snapshot>, StoreError> {
+        let keys = std::slice::from_ref(key);
         let row = match self {
-            Store::Postgres(s) => s.latest_row(key).await?,
-            Store::Sqlite(s) => s.latest_row(key).await?,
+            Store::Postgres(s) => s.latest_rows(keys).await?,
+            Store::Sqlite(s) => s.latest_rows(keys).await?,
         };
-        row.map(StoredRow::into_snapshot).transpose()
+        row.into_iter()
+            .next()
+            .map(StoredRow::into_snapshot)
+            .transpose()
     }
 
     /// [`Store::latest`] of many entities in one query: for each key with a

@@ -210,21 +210,6 @@ impl PgStore {
         rows.iter().map(decode).collect()
     }
 
-    pub(super) async fn latest_row(
-        &self,
-        key: &EntityKey,
-    ) -> Result<Option<StoredRow>, StoreError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{SELECT_ROW} WHERE entity_type = $1 AND entity_id = $2 ORDER BY version DESC LIMIT 1"
-        )))
-        .bind(key.entity_type.as_str())
-        .bind(&*key.entity_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(StoreError::query("read the latest snapshot"))?;
-        row.map(|r| decode(&r)).transpose()
-    }
-
     /// The newest row of each of `keys` that has one.
     pub(super) async fn latest_rows(
         &self,

@@ -36,11 +36,18 @@ WHERE snapshots.state_hash IS NOT excluded.state_hash
 /// 32,766), and entities per prune statement.
 const ROWS_PER_STATEMENT: usize = 200;
 
+/// `(?, ?, …), (?, ?, …), …`: a VALUES list of `rows` rows of `columns`
+/// parameters each.
+fn values_list(rows: usize, columns: usize) -> String {
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    vec![row; rows].join(", ")
+}
+
 /// [`UPSERT`] for `rows` rows at once: the same condition and conflict
 /// rule, judged for every row against the table as it was before the
 /// statement (so the rows must be of distinct entities).
 fn multi_upsert(rows: usize) -> String {
-    let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; rows].join(", ");
+    let values = values_list(rows, 8);
     format!(
         "INSERT INTO snapshots
     (entity_type, entity_id, workflow_id, version, sequence, state, state_hash, created_at)
@@ -63,7 +70,7 @@ WHERE snapshots.state_hash IS NOT excluded.state_hash
 /// Delete all but the newest `keep` rows of `keys` entities (the last
 /// parameter), in one statement.
 fn multi_prune(keys: usize) -> String {
-    let values = vec!["(?, ?)"; keys].join(", ");
+    let values = values_list(keys, 2);
     format!(
         "DELETE FROM snapshots WHERE id IN (
     SELECT id FROM (
@@ -237,7 +244,7 @@ impl SqliteStore {
     ) -> Result<Vec<StoredRow>, StoreError> {
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-            let values = vec!["(?, ?)"; chunk.len()].join(", ");
+            let values = values_list(chunk.len(), 2);
             let sql = format!(
                 "{SELECT_ROW} WHERE id IN (SELECT (SELECT s.id FROM snapshots s \
                  WHERE s.entity_type = k.column1 AND s.entity_id = k.column2 \
@@ -256,21 +263,6 @@ impl SqliteStore {
             }
         }
         Ok(out)
-    }
-
-    pub(super) async fn latest_row(
-        &self,
-        key: &EntityKey,
-    ) -> Result<Option<StoredRow>, StoreError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{SELECT_ROW} WHERE entity_type = ?1 AND entity_id = ?2 ORDER BY version DESC LIMIT 1"
-        )))
-        .bind(key.entity_type.as_str())
-        .bind(&*key.entity_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(StoreError::query("read the latest snapshot"))?;
-        row.map(|r| decode(&r)).transpose()
     }
 
     pub(super) async fn prune(
