@@ -73,7 +73,14 @@ impl PgStore {
         let options = PgConnectOptions::from_str(url)
             .map_err(|_| StoreError::BadUrl(target.clone()))?
             // stabilize's replay reads timestamptz in a UTC session; so do we.
-            .options([("TimeZone", "UTC")]);
+            // Every statement is planned for its own arguments: a generic
+            // plan cached while the snapshots table was small (a new
+            // deployment, never analysed yet) kept scanning all of it per
+            // batch once it held a million rows.
+            .options([
+                ("TimeZone", "UTC"),
+                ("plan_cache_mode", "force_custom_plan"),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(pool_size.max(1))
             .acquire_timeout(Duration::from_secs(10))
