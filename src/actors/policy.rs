@@ -130,6 +130,10 @@ pub struct PolicyState {
     /// After a snapshot too large to write: the window length at which the
     /// event threshold tries again (0: the plain interval).
     retry_at_len: usize,
+    /// Hydration found no row of this entity, stored or pending, and no
+    /// snapshot has been sent since: the next one is its first row, which
+    /// the writer need not prune after.
+    no_row_yet: bool,
 }
 
 impl Actor for Policy {
@@ -167,6 +171,7 @@ impl Actor for Policy {
             check_scheduled: false,
             hydrate_backoff: Duration::from_millis(100),
             retry_at_len: 0,
+            no_row_yet: false,
         })
     }
 
@@ -306,8 +311,9 @@ impl PolicyState {
     /// snapshots at the policy's intervals; one the feed never brings is
     /// caught by the count check and rebuilt from the table).
     async fn hydrate(&mut self, upto: i64) -> Result<(), StoreError> {
-        let found = self.newest_snapshot().await?;
+        let (found, row_exists) = self.newest_snapshot().await?;
         let had_snapshot = found.is_some();
+        self.no_row_yet = !row_exists;
         if let Some(Base {
             state,
             sequence,
@@ -364,10 +370,13 @@ impl PolicyState {
     }
 
     /// The entity's newest snapshot: the writer's uncommitted one (newer
-    /// than anything stored) or the store's verified latest.
-    async fn newest_snapshot(&self) -> Result<Option<Base>, StoreError> {
+    /// than anything stored) or the store's verified latest; and whether any
+    /// row of it exists (a row that fails verification is not a base, but
+    /// it is there).
+    async fn newest_snapshot(&self) -> Result<(Option<Base>, bool), StoreError> {
         let key = &self.args.key;
         let snapshot = match self.args.lookups.newest(key).await {
+            Ok(None) => return Ok((None, false)),
             Ok(found) => found,
             Err(error @ (StoreError::Integrity { .. } | StoreError::Corrupt { .. })) => {
                 tracing::error!(entity = %key, error = %chain(&error),
@@ -376,7 +385,7 @@ impl PolicyState {
             }
             Err(error) => return Err(error),
         };
-        Ok(snapshot.and_then(|s| match s.state {
+        let base = snapshot.and_then(|s| match s.state {
             Value::Object(state) => Some(Base {
                 state,
                 sequence: s.sequence,
@@ -385,7 +394,8 @@ impl PolicyState {
                 created_at: s.created_at,
             }),
             _ => None,
-        }))
+        });
+        Ok((base, true))
     }
 
     fn workflow_id(&self) -> Arc<str> {
@@ -528,7 +538,7 @@ impl PolicyState {
     /// after it up to `upto`, in sequence order.
     async fn refold_window(&mut self, upto: i64) -> Result<(), StoreError> {
         let workflow_id = self.workflow_id();
-        let (base, events) = match self.newest_snapshot().await? {
+        let (base, events) = match self.newest_snapshot().await?.0 {
             Some(Base {
                 state,
                 sequence,
@@ -603,8 +613,9 @@ impl PolicyState {
     }
 
     /// Hand a snapshot to the writer (waiting while it holds its maximum).
-    async fn send(&mut self, snapshot: PreparedSnapshot) -> Option<(i32, i64)> {
+    async fn send(&mut self, mut snapshot: PreparedSnapshot) -> Option<(i32, i64)> {
         let taken = (snapshot.version, snapshot.sequence);
+        snapshot.first_row = std::mem::take(&mut self.no_row_yet);
         // Waits while the writer holds its maximum: backpressure.
         let permit = self
             .args

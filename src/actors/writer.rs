@@ -209,6 +209,13 @@ impl WriterState {
         let keys: Vec<EntityKey> = self.order.values().take(limit).cloned().collect();
         let snapshots: Vec<&PreparedSnapshot> =
             keys.iter().map(|k| &*self.pending[k].snapshot).collect();
+        // An entity's first row leaves nothing to prune (the many short
+        // workflows stabilize runs are mostly that).
+        let to_prune: Vec<EntityKey> = snapshots
+            .iter()
+            .filter(|s| !s.first_row)
+            .map(|s| s.key.clone())
+            .collect();
         let store = &self.args.store;
         let covered = self.args.events_table.check().await;
         let started = std::time::Instant::now();
@@ -243,7 +250,10 @@ impl WriterState {
                         self.order.remove(&done.ticket);
                     }
                 }
-                if let Err(error) = store.prune_entities(&keys, self.args.keep_snapshots).await {
+                if let Err(error) = store
+                    .prune_entities(&to_prune, self.args.keep_snapshots)
+                    .await
+                {
                     tracing::warn!(error = %chain(&error), "Pruning old snapshots failed; will prune on a later batch.");
                 }
                 self.publish_depth();

@@ -171,6 +171,9 @@ pub struct PreparedSnapshot {
     pub created_at: DateTime<Utc>,
     /// Length of the canonical text the hash is taken over.
     pub canonical_bytes: usize,
+    /// No row of this entity was stored or pending before this one, so
+    /// writing it leaves nothing to prune.
+    pub first_row: bool,
 }
 
 impl PreparedSnapshot {
@@ -195,6 +198,7 @@ impl PreparedSnapshot {
             state_hash,
             created_at: Utc::now(),
             canonical_bytes: canonical.len(),
+            first_row: false,
         })
     }
 

@@ -564,3 +564,49 @@ fn an_unsafe_socket_directory_or_a_file_in_the_sockets_place_stops_start_up() {
     let daemon = Daemon::start(open.path(), &backend.url(), "");
     assert_eq!(daemon.command(json!({"op": "ping"}))["ok"], true);
 }
+
+/// An entity's first row is written without a prune; once it has a row, a
+/// revived entity's next one still prunes down to `keep_snapshots`.
+async fn first_rows_skip_the_prune_and_later_ones_do_not(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        "[reducer]\nkind = \"merge\"\n[policy]\nevent_interval = 1\nkeep_snapshots = 1\nmax_active_entities = 1\n[writer]\nbatch_size = 1\n",
+    );
+    let task = |seq: i64, id: &str| {
+        json!({"event_type": "task.updated", "timestamp": "2026-11-26T00:00:00Z", "sequence": seq,
+               "entity_type": "task", "entity_id": id, "workflow_id": "wf", "data": {"seq": seq}})
+        .to_string()
+        .into_bytes()
+    };
+    // With one active entity, each event passivates the other: every entity
+    // is revived from its stored row three times.
+    let mut frames: Vec<Vec<u8>> = (1..=8)
+        .map(|seq| task(seq, if seq % 2 == 0 { "a" } else { "b" }))
+        .collect();
+    frames.push(br#"{"op":"flush"}"#.to_vec());
+    assert_eq!(daemon.converse(&frames).len(), 1);
+    for (id, version) in [("a", 4), ("b", 4)] {
+        let reply = daemon.command(json!({"op": "get", "entity_type": "task", "entity_id": id}));
+        assert_eq!(reply["snapshot"]["version"], version, "{reply}");
+    }
+    let rows = std::process::Command::new(env!("CARGO_BIN_EXE_snapshotd"))
+        .args(["verify", "--database-url", &backend.url()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&rows.stdout).starts_with("2 snapshot rows verified"),
+        "one row per entity is kept: {rows:?}"
+    );
+}
+
+#[tokio::test]
+async fn first_rows_skip_the_prune_on_sqlite() {
+    first_rows_skip_the_prune_and_later_ones_do_not(Backend::sqlite()).await;
+}
+
+#[tokio::test]
+async fn first_rows_skip_the_prune_on_postgres() {
+    first_rows_skip_the_prune_and_later_ones_do_not(Backend::postgres().await).await;
+}
