@@ -12,6 +12,12 @@ use std::time::Duration;
 /// The whole batch as parallel arrays. Rows older than what the table holds
 /// for their entity are filtered out; a same-version row is replaced only
 /// when it differs.
+///
+/// Here and in the lookups and prune below, every read of `snapshots` is a
+/// per-entity index probe by construction (`LATERAL … LIMIT`, an `EXISTS`
+/// kept as a sub-plan by `OFFSET 0`, `id = ANY(ARRAY(…))`): with a join the
+/// planner chose a parallel scan of the whole table per batch once it held
+/// 800,000 rows not yet analysed.
 const UPSERT: &str = "
 INSERT INTO snapshots
     (entity_type, entity_id, workflow_id, version, sequence, state, state_hash, created_at)
@@ -22,7 +28,8 @@ FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[],
      AS v(entity_type, entity_id, workflow_id, version, sequence, state, state_hash, created_at)
 WHERE NOT EXISTS (
     SELECT 1 FROM snapshots s
-    WHERE s.entity_type = v.entity_type AND s.entity_id = v.entity_id AND s.version > v.version)
+    WHERE s.entity_type = v.entity_type AND s.entity_id = v.entity_id AND s.version > v.version
+    OFFSET 0)
 ON CONFLICT (entity_type, entity_id, version) DO UPDATE SET
     workflow_id = EXCLUDED.workflow_id,
     sequence = EXCLUDED.sequence,
@@ -44,14 +51,13 @@ const SELECT_ROW: &str = "SELECT entity_type, entity_id, workflow_id, version::i
 
 /// Delete all but the newest `$3` rows of the entities named in `$1`/`$2`.
 const PRUNE_ENTITIES: &str = "
-DELETE FROM snapshots WHERE id IN (
-    SELECT id FROM (
-        SELECT s.id, row_number() OVER (
-            PARTITION BY s.entity_type, s.entity_id ORDER BY s.version DESC) AS rn
-        FROM snapshots s
-        JOIN UNNEST($1::text[], $2::text[]) AS k(entity_type, entity_id)
-          ON s.entity_type = k.entity_type AND s.entity_id = k.entity_id
-    ) ranked WHERE rn > $3)";
+DELETE FROM snapshots WHERE id = ANY(ARRAY(
+    SELECT old.id
+    FROM (SELECT DISTINCT * FROM UNNEST($1::text[], $2::text[])) AS k(entity_type, entity_id)
+    CROSS JOIN LATERAL (
+        SELECT s.id FROM snapshots s
+        WHERE s.entity_type = k.entity_type AND s.entity_id = k.entity_id
+        ORDER BY s.version DESC OFFSET $3) old))";
 
 const PRUNE_ALL: &str = "
 DELETE FROM snapshots WHERE id IN (
@@ -225,10 +231,10 @@ impl PgStore {
         let types: Vec<&str> = keys.iter().map(|k| k.entity_type.as_str()).collect();
         let ids: Vec<&str> = keys.iter().map(|k| &*k.entity_id).collect();
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT DISTINCT ON (entity_type, entity_id) * FROM ({SELECT_ROW} \
-             WHERE (entity_type, entity_id) IN \
-               (SELECT * FROM UNNEST($1::text[], $2::text[]))) newest \
-             ORDER BY entity_type, entity_id, version DESC"
+            "SELECT newest.* \
+             FROM (SELECT DISTINCT * FROM UNNEST($1::text[], $2::text[])) AS k(t, id) \
+             CROSS JOIN LATERAL ({SELECT_ROW} WHERE entity_type = k.t AND entity_id = k.id \
+               ORDER BY version DESC LIMIT 1) newest"
         )))
         .bind(&types)
         .bind(&ids)
