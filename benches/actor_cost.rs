@@ -61,6 +61,18 @@ fn main() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         let ractor_actor = (rss_kib() - before) as f64 * 1024.0 / n as f64;
+        // The same with one armed `send_after` timer each (a tokio task
+        // sleeping), as a policy actor keeps for its time threshold.
+        let before = rss_kib();
+        let timers: Vec<_> = actors
+            .iter()
+            .map(|(actor, _)| actor.send_after(Duration::from_secs(3600), || ()))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let timer = (rss_kib() - before) as f64 * 1024.0 / n as f64;
+        for timer in timers {
+            timer.abort();
+        }
         for (actor, handle) in actors {
             actor.stop(None);
             let _ = handle.await;
@@ -69,6 +81,7 @@ fn main() {
         println!("idle entities:             {n}");
         println!("tokio task + unbounded channel: {tokio_task:.0} B each");
         println!("ractor actor (no state):   {ractor_actor:.0} B each");
+        println!("one armed send_after timer: {timer:.0} B each");
         println!(
             "snapshotd PolicyState:     {} B inline (plus its heap: state map, windows)",
             std::mem::size_of::<snapshotd::actors::policy::PolicyState>()
