@@ -140,6 +140,7 @@ impl App {
             RouterArgs {
                 config,
                 lookups: crate::actors::lookup::Lookups::spawn(store.clone(), writer.clone()),
+                timers: crate::actors::timers::Timers::spawn(),
                 store: store.clone(),
                 writer: writer.clone(),
                 writer_permits: Arc::new(Semaphore::new(settings.writer.max_pending)),

@@ -5,4 +5,5 @@ pub mod lookup;
 pub mod messages;
 pub mod policy;
 pub mod router;
+pub mod timers;
 pub mod writer;

@@ -37,6 +37,7 @@
 //!   covered by it (a resend).
 
 use super::messages::{PolicyMsg, RouterMsg, WriterMsg};
+use super::timers::TimerKey;
 use crate::error::chain;
 use crate::model::event::Event;
 use crate::model::{EntityKey, PreparedSnapshot};
@@ -68,8 +69,6 @@ struct Base {
     created_at: chrono::DateTime<chrono::Utc>,
 }
 
-type TickTimer = tokio::task::JoinHandle<Result<(), ractor::MessagingErr<PolicyMsg>>>;
-
 /// Settings every policy actor shares.
 #[derive(Clone)]
 pub struct PolicyConfig {
@@ -88,6 +87,8 @@ pub struct PolicyArgs {
     pub key: EntityKey,
     /// Batched newest-snapshot lookups for hydration.
     pub lookups: super::lookup::Lookups,
+    /// The shared timer service that sends `Tick`.
+    pub timers: super::timers::Timers,
     pub config: Arc<PolicyConfig>,
     pub store: Store,
     pub writer: ActorRef<WriterMsg>,
@@ -123,8 +124,8 @@ pub struct PolicyState {
     first_pending_at: Option<Instant>,
     last_snapshot_at: Option<Instant>,
     last_event_at: Instant,
-    /// The armed Tick timer and when it fires.
-    tick: Option<(Instant, TickTimer)>,
+    /// The armed Tick (its key says when it fires).
+    tick: Option<TimerKey>,
     check_scheduled: bool,
     hydrate_backoff: Duration,
     /// After a snapshot too large to write: the window length at which the
@@ -180,8 +181,8 @@ impl Actor for Policy {
         _myself: ActorRef<PolicyMsg>,
         state: &mut PolicyState,
     ) -> Result<(), ActorProcessingErr> {
-        if let Some((_, timer)) = state.tick.take() {
-            timer.abort();
+        if let Some(tick) = state.tick.take() {
+            state.args.timers.cancel(tick);
         }
         state.args.stats.active_entities.dec();
         Ok(())
@@ -256,8 +257,12 @@ impl PolicyState {
                 myself.stop(None);
             }
             PolicyMsg::Tick => {
-                self.tick = None;
                 let now = Instant::now();
+                // A tick cast just before a re-arm may come after it: the
+                // armed one stays until its time has come.
+                if self.tick.is_some_and(|tick| tick.at <= now) {
+                    self.tick = None;
+                }
                 if let Some(due) = self.time_due()
                     && now >= due
                 {
@@ -481,14 +486,13 @@ impl PolicyState {
     fn arm_tick(&mut self, myself: &ActorRef<PolicyMsg>) {
         let idle = self.last_event_at + self.config().idle_timeout;
         let due = self.time_due().map_or(idle, |t| t.min(idle));
-        if self.tick.as_ref().is_some_and(|(at, _)| *at <= due) {
+        if self.tick.is_some_and(|tick| tick.at <= due) {
             return;
         }
-        if let Some((_, timer)) = self.tick.take() {
-            timer.abort();
+        if let Some(tick) = self.tick.take() {
+            self.args.timers.cancel(tick);
         }
-        let wait = due.saturating_duration_since(Instant::now());
-        self.tick = Some((due, myself.send_after(wait, || PolicyMsg::Tick)));
+        self.tick = Some(self.args.timers.arm(due, myself.clone()));
     }
 
     /// Snapshot the window and hand it to the writer. Returns the

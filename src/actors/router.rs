@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 /// Start arguments.
 pub struct RouterArgs {
     pub lookups: super::lookup::Lookups,
+    pub timers: super::timers::Timers,
     pub config: Arc<PolicyConfig>,
     pub store: Store,
     pub writer: ActorRef<WriterMsg>,
@@ -312,6 +313,7 @@ impl RouterState {
         let args = PolicyArgs {
             key: key.clone(),
             lookups: self.args.lookups.clone(),
+            timers: self.args.timers.clone(),
             config: self.args.config.clone(),
             store: self.args.store.clone(),
             writer: self.args.writer.clone(),
