@@ -102,8 +102,28 @@ impl PgStore {
     }
 
     pub(super) async fn migrate(&self) -> Result<(), StoreError> {
+        // A table we create keeps its states compressed with lz4 where the
+        // server has it (PostgreSQL 14 or later built with lz4): writing is
+        // about twice as fast as with pglz, and readers, stabilize among
+        // them, see no difference. An existing table is left as it is.
+        let lz4: bool = sqlx::query_scalar(
+            "SELECT coalesce(bool_or(v = 'lz4'), false) FROM pg_settings, \
+             unnest(enumvals) AS v WHERE name = 'default_toast_compression'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(StoreError::query("check the server's compression methods"))?;
         for ddl in POSTGRES_SNAPSHOTS {
-            sqlx::query(*ddl)
+            let ddl = if lz4 {
+                ddl.replacen(
+                    "state JSONB NOT NULL",
+                    "state JSONB COMPRESSION lz4 NOT NULL",
+                    1,
+                )
+            } else {
+                ddl.to_string()
+            };
+            sqlx::query(sqlx::AssertSqlSafe(ddl))
                 .execute(&self.pool)
                 .await
                 .map_err(StoreError::query("create the snapshots table"))?;
