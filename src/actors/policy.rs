@@ -9,10 +9,13 @@
 //! at any moment. A snapshot at sequence S must equal stabilize's replay of
 //! the workflow's events up to S, and its version must be their number.
 //!
+//! The bookkeeping below is [`Ledger`]'s (pure, unit-tested); this actor
+//! decides when, performs the I/O it needs, and keeps the timers.
+//!
 //! * Events are folded as they arrive: memory per entity is its state, not
-//!   its unsnapshotted events. `window` holds the sequences folded since the
-//!   last snapshot, `folded` older ones: a sequence in either is a duplicate
-//!   and is dropped.
+//!   its unsnapshotted events. The ledger's window holds the sequences
+//!   folded since the last snapshot, and older ones are remembered: a
+//!   sequence in either is a duplicate and is dropped.
 //! * An event older than one already folded was folded out of sequence
 //!   order. With stabilize's `events` table in the same database (the normal
 //!   case) the state is marked dirty and, before the next snapshot, rebuilt:
@@ -40,6 +43,7 @@ use super::messages::{PolicyMsg, RouterMsg, WriterMsg};
 use super::timers::TimerKey;
 use crate::error::chain;
 use crate::model::event::Event;
+use crate::model::ledger::{Ledger, Receipt};
 use crate::model::{EntityKey, PreparedSnapshot};
 use crate::reducer::Reducer;
 use crate::stats::Stats;
@@ -103,22 +107,8 @@ pub struct PolicyState {
     args: PolicyArgs,
     /// Known once an event arrived or history was loaded.
     workflow_id: Option<Arc<str>>,
-    /// The entity's state: the last snapshot plus every event of `window`.
-    state: Map<String, Value>,
-    /// Sequence and version of the last snapshot (or of the hydrated one).
-    snap_seq: i64,
-    snap_version: i32,
-    /// Sequences folded since the last snapshot, sorted.
-    window: Vec<i64>,
-    /// Sequences folded before it, sorted; trimmed to the newest few windows
-    /// when the events table can settle older questions.
-    folded: Vec<i64>,
-    /// Sequences at or below this were forgotten from `folded` (or were
-    /// never seen: covered by the snapshot hydrated from).
-    forgotten_upto: i64,
-    /// An event was folded out of sequence order: re-fold from the table
-    /// before snapshotting, when there is one.
-    dirty: bool,
+    /// The entity's state and what it has folded (pure: no I/O, no clock).
+    ledger: Ledger,
     hydrated: bool,
     stash: Vec<PolicyMsg>,
     first_pending_at: Option<Instant>,
@@ -152,17 +142,12 @@ impl Actor for Policy {
         // events that woke it.
         let _ = myself;
         args.stats.active_entities.inc();
-        let state = args.config.reducer.initial(&args.key);
+        let reducer = args.config.reducer;
+        let ledger = Ledger::new(reducer, reducer.initial(&args.key));
         Ok(PolicyState {
             args,
             workflow_id: None,
-            state,
-            snap_seq: 0,
-            snap_version: 0,
-            window: Vec::new(),
-            folded: Vec::new(),
-            forgotten_upto: 0,
-            dirty: false,
+            ledger,
             hydrated: false,
             stash: Vec::new(),
             first_pending_at: None,
@@ -327,25 +312,23 @@ impl PolicyState {
             created_at,
         }) = found
         {
-            self.state = state;
-            self.snap_seq = sequence;
-            self.snap_version = version;
+            self.ledger.start_from(state, version, sequence);
             self.workflow_id = Some(workflow_id);
             // The time threshold counts from when it was really taken: a
             // restart does not postpone a snapshot already due.
             self.last_snapshot_at = Some(self.instant_at(created_at));
-            // Older sequences are settled by the table, or covered by it without one.
-            self.forgotten_upto = sequence;
         }
         if self.config().events_table.check().await {
             let workflow_id = self.workflow_id();
             if had_snapshot && !self.snapshot_matches_table().await? {
-                self.replay_table(&workflow_id, self.snap_seq).await?;
+                let (_, snap_seq) = self.ledger.snapshot_position();
+                self.replay_table(&workflow_id, snap_seq).await?;
             }
+            let (_, snap_seq) = self.ledger.snapshot_position();
             let after = self
                 .args
                 .store
-                .workflow_events(&workflow_id, self.snap_seq, upto)
+                .workflow_events(&workflow_id, snap_seq, upto)
                 .await?;
             for event in &after {
                 self.fold(event);
@@ -353,11 +336,11 @@ impl PolicyState {
             if let Some(first) = after.first() {
                 self.first_pending_at = Some(self.instant_at(first.timestamp));
             }
-            if !self.window.is_empty() {
+            if self.ledger.window_len() > 0 {
                 self.workflow_id.get_or_insert(workflow_id);
             }
         }
-        if had_snapshot || !self.window.is_empty() {
+        if had_snapshot || self.ledger.window_len() > 0 {
             self.args.stats.hydrations.inc();
         }
         Ok(())
@@ -409,65 +392,49 @@ impl PolicyState {
             .unwrap_or_else(|| self.args.key.entity_id.clone())
     }
 
-    /// Fold one event into the state and note its sequence in the window.
+    /// Fold an event known to be new (the table's, in sequence order).
     fn fold(&mut self, event: &Event) {
-        let seq = event.sequence;
-        if self.window.is_empty() {
+        if self.ledger.window_len() == 0 {
             self.first_pending_at = Some(Instant::now());
         }
-        match self.window.last() {
-            Some(&last) if last > seq => {
-                let at = self.window.partition_point(|&s| s < seq);
-                self.window.insert(at, seq);
-            }
-            _ => self.window.push(seq),
-        }
-        self.config().reducer.fold(&mut self.state, event);
+        self.ledger.fold(event);
     }
 
-    /// File one arriving event: fold it, or drop it as a duplicate, or
-    /// settle it against the table as late.
+    /// File one arriving event: the ledger folds it, drops it as a
+    /// duplicate, or leaves it to the table to settle.
     fn receive(&mut self, myself: &ActorRef<PolicyMsg>, event: Box<Event>) {
-        let seq = event.sequence;
         self.last_event_at = Instant::now();
         if self.workflow_id.is_none() {
             self.workflow_id = Some(event.workflow_id.clone());
         }
-        if self.window.binary_search(&seq).is_ok() || self.folded.binary_search(&seq).is_ok() {
-            self.args.stats.events_duplicate.inc();
-            return;
-        }
         let table = self.config().events_table.known();
-        if seq <= self.snap_seq {
-            if table {
-                // The table settles it: a duplicate from before we knew, or
-                // an event the snapshot missed. Once per burst.
+        match self.ledger.receive(&event, table) {
+            Receipt::Duplicate => {
+                self.args.stats.events_duplicate.inc();
+            }
+            Receipt::Settle => {
+                // A duplicate from before we knew, or an event the snapshot
+                // missed: the table settles it, once per burst.
                 self.args.stats.events_late.inc();
                 if !self.check_scheduled {
                     self.check_scheduled = true;
                     let _ = myself.cast(PolicyMsg::CheckBase);
                 }
-                return;
             }
-            if seq <= self.forgotten_upto {
-                // The snapshot we started from covers the feed up to its
-                // sequence: this is a resend of what it folded.
-                self.args.stats.events_duplicate.inc();
-                return;
+            Receipt::Folded { late, first } => {
+                if late {
+                    self.args.stats.events_late.inc();
+                }
+                if first {
+                    self.first_pending_at = Some(Instant::now());
+                }
             }
-            self.args.stats.events_late.inc();
-            self.dirty = true;
-        } else if self.window.last().is_some_and(|&last| last > seq) {
-            // Out of sequence order within the window.
-            self.args.stats.events_late.inc();
-            self.dirty = true;
         }
-        self.fold(&event);
     }
 
     /// After events arrived: snapshot at the event threshold, keep the timer.
     async fn after_change(&mut self, myself: &ActorRef<PolicyMsg>) {
-        if self.window.len() >= self.config().event_interval.max(self.retry_at_len) {
+        if self.ledger.window_len() >= self.config().event_interval.max(self.retry_at_len) {
             self.snapshot().await;
         }
         self.arm_tick(myself);
@@ -475,7 +442,7 @@ impl PolicyState {
 
     /// When the time threshold falls due, if there are new events.
     fn time_due(&self) -> Option<Instant> {
-        if self.window.is_empty() {
+        if self.ledger.window_len() == 0 {
             return None;
         }
         let since = self.last_snapshot_at.or(self.first_pending_at)?;
@@ -498,82 +465,73 @@ impl PolicyState {
     /// Snapshot the window and hand it to the writer. Returns the
     /// snapshot's (version, sequence), or `None` without new events.
     async fn snapshot(&mut self) -> Option<(i32, i64)> {
-        if self.window.is_empty() {
-            return None;
-        }
+        let newest = self.ledger.newest_in_window()?;
         // Folded out of order: the last snapshot plus the table's events,
         // in sequence order, instead. (Without a table, arrival order is
         // trusted; a table that appeared since is used.)
-        if self.dirty && self.config().events_table.check().await {
-            let upto = *self.window.last()?;
-            if let Err(error) = self.refold_window(upto).await {
-                tracing::warn!(entity = %self.args.key, error = %chain(&error),
-                    "Re-folding out-of-order events from the events table failed; will retry at the next snapshot.");
-                return None;
-            }
+        if self.ledger.is_dirty()
+            && self.config().events_table.check().await
+            && let Err(error) = self.refold_window(newest).await
+        {
+            tracing::warn!(entity = %self.args.key, error = %chain(&error),
+                "Re-folding out-of-order events from the events table failed; will retry at the next snapshot.");
+            return None;
         }
-        self.dirty = false;
-        let version = self.snap_version + self.window.len() as i32;
-        let sequence = self.snap_seq.max(*self.window.last()?);
-        let snapshot = match self.prepare(version, sequence) {
+        let position = self.ledger.next_position()?;
+        let snapshot = match self.prepare(position.0, position.1) {
             Prepared::Ready(snapshot) => Some(snapshot),
             Prepared::Unstorable => None,
             Prepared::TooLarge => {
                 // Keep folding; try again one interval of events (or of
                 // time) from now.
-                self.retry_at_len = self.window.len() + self.config().event_interval;
+                self.retry_at_len = self.ledger.window_len() + self.config().event_interval;
                 self.last_snapshot_at = Some(Instant::now());
                 return None;
             }
         };
         self.retry_at_len = 0;
-        let window = std::mem::take(&mut self.window);
-        self.snap_version = version;
-        self.snap_seq = sequence;
-        for seq in window {
-            self.remember(seq);
-        }
+        self.ledger.settle(position, self.trim_to());
         self.first_pending_at = None;
         self.last_snapshot_at = Some(Instant::now());
         self.send(snapshot?).await
+    }
+
+    /// With the table to settle older questions, the ledger need remember
+    /// only a few windows of folded sequences.
+    fn trim_to(&self) -> Option<usize> {
+        let config = self.config();
+        config
+            .events_table
+            .known()
+            .then(|| config.event_interval.saturating_mul(4).max(64))
     }
 
     /// Replace the state with the last snapshot plus the table's events
     /// after it up to `upto`, in sequence order.
     async fn refold_window(&mut self, upto: i64) -> Result<(), StoreError> {
         let workflow_id = self.workflow_id();
-        let (base, events) = match self.newest_snapshot().await?.0 {
+        let (snap_version, snap_seq) = self.ledger.snapshot_position();
+        let (base, from) = match self.newest_snapshot().await?.0 {
             Some(Base {
                 state,
                 sequence,
                 version,
                 ..
-            }) if sequence == self.snap_seq && version == self.snap_version => {
-                let events = self
-                    .args
-                    .store
-                    .workflow_events(&workflow_id, sequence, upto)
-                    .await?;
-                (state, events)
-            }
+            }) if sequence == snap_seq && version == snap_version => (Some(state), sequence),
             // The last snapshot is gone or was never taken: from the start.
-            _ => {
-                self.snap_seq = 0;
-                self.snap_version = 0;
-                let events = self
-                    .args
-                    .store
-                    .workflow_events(&workflow_id, 0, upto)
-                    .await?;
-                (self.config().reducer.initial(&self.args.key), events)
-            }
+            _ => (None, 0),
         };
-        self.state = base;
-        self.window.clear();
-        for event in &events {
-            self.fold(event);
+        let events = self
+            .args
+            .store
+            .workflow_events(&workflow_id, from, upto)
+            .await?;
+        let from_start = base.is_none();
+        let base = base.unwrap_or_else(|| self.config().reducer.initial(&self.args.key));
+        self.ledger.refold(base, from_start, &events);
+        if !events.is_empty() {
+            self.first_pending_at = Some(Instant::now());
         }
-        self.dirty = false;
         self.args.stats.rebuilds.inc();
         Ok(())
     }
@@ -582,7 +540,8 @@ impl PolicyState {
     /// snapshot's version and sequence (after a rebuild).
     async fn send_state(&mut self) -> Option<(i32, i64)> {
         self.last_snapshot_at = Some(Instant::now());
-        match self.prepare(self.snap_version, self.snap_seq) {
+        let (version, sequence) = self.ledger.snapshot_position();
+        match self.prepare(version, sequence) {
             Prepared::Ready(snapshot) => self.send(snapshot).await,
             Prepared::Unstorable | Prepared::TooLarge => None,
         }
@@ -597,7 +556,7 @@ impl PolicyState {
             self.workflow_id(),
             version,
             sequence,
-            &self.state,
+            self.ledger.state(),
         ) {
             Ok(snapshot) => snapshot,
             Err(error) => {
@@ -640,33 +599,17 @@ impl PolicyState {
         Some(taken)
     }
 
-    fn remember(&mut self, seq: i64) {
-        match self.folded.last() {
-            Some(&last) if last > seq => {
-                let at = self.folded.partition_point(|&s| s < seq);
-                self.folded.insert(at, seq);
-            }
-            _ => self.folded.push(seq),
-        }
-        // With the table to settle older questions, a few windows suffice.
-        let keep = self.config().event_interval.saturating_mul(4).max(64);
-        if self.config().events_table.known() && self.folded.len() > keep * 2 {
-            let cut = self.folded.len() - keep;
-            self.forgotten_upto = self.forgotten_upto.max(self.folded[cut - 1]);
-            self.folded.drain(..cut);
-        }
-    }
-
     async fn snapshot_matches_table(&self) -> Result<bool, StoreError> {
-        if self.snap_seq == 0 {
+        let (_, snap_seq) = self.ledger.snapshot_position();
+        if snap_seq == 0 {
             return Ok(true);
         }
         let count = self
             .args
             .store
-            .count_workflow_events(&self.workflow_id(), self.snap_seq)
+            .count_workflow_events(&self.workflow_id(), snap_seq)
             .await?;
-        Ok(count == i64::from(self.snap_version))
+        Ok(self.ledger.covers(count))
     }
 
     /// Replace the state with the table's replay up to `upto`; it becomes
@@ -677,18 +620,8 @@ impl PolicyState {
             .store
             .workflow_events(workflow_id, 0, upto)
             .await?;
-        let reducer = self.config().reducer;
-        self.state = reducer.initial(&self.args.key);
-        self.folded.clear();
-        self.window.clear();
-        for event in &events {
-            reducer.fold(&mut self.state, event);
-            self.folded.push(event.sequence);
-        }
-        self.forgotten_upto = 0;
-        self.snap_version = events.len() as i32;
-        self.snap_seq = events.last().map_or(upto, |e| e.sequence.max(upto));
-        self.dirty = false;
+        let initial = self.config().reducer.initial(&self.args.key);
+        self.ledger.replay(initial, &events, upto);
         self.first_pending_at = None;
         self.args.stats.rebuilds.inc();
         Ok(())
@@ -698,17 +631,13 @@ impl PolicyState {
     /// received, and snapshot the corrected state at once.
     async fn rebuild_from_table(&mut self, myself: &ActorRef<PolicyMsg>) {
         let workflow_id = self.workflow_id();
-        let upto = self
-            .window
-            .last()
-            .copied()
-            .unwrap_or(self.snap_seq)
-            .max(self.snap_seq);
+        let upto = self.ledger.received_upto();
         match self.replay_table(&workflow_id, upto).await {
             Ok(()) => {
-                tracing::info!(entity = %self.args.key, version = self.snap_version, sequence = self.snap_seq,
+                let (version, sequence) = self.ledger.snapshot_position();
+                tracing::info!(entity = %self.args.key, version, sequence,
                     "Rebuilt the entity from the events table.");
-                if self.snap_seq > 0 {
+                if sequence > 0 {
                     self.send_state().await;
                 }
             }

@@ -3,6 +3,7 @@
 
 pub mod canonical;
 pub mod event;
+pub mod ledger;
 mod snapshot;
 
 pub use snapshot::{
