@@ -30,15 +30,18 @@
 //!   events all on one) streamed by N concurrent `snapshotd send --flush`.
 //! * `--disorder W` [0]: each connection's stream is shuffled within windows
 //!   of W consecutive events, with about 1% of them resent (duplicates).
-//! * `--events-table` (Postgres only): stabilize's `events` table (its own
-//!   DDL, read from the installed package) is created and loaded with the
-//!   same events by `COPY ... FROM STDIN` before the daemon starts, so the
-//!   daemon checks every snapshot against it, as in production.
+//! * `--events-table` (Postgres only): stabilize's tables (its own
+//!   `SETUP_DDL`, read from the installed package) are created and `events`
+//!   is loaded with the same events by `COPY ... FROM STDIN` before the
+//!   daemon starts, so the daemon checks every snapshot against it, as in
+//!   production. The load is timed separately.
 //! * `--python`: `tests/python/python_way.py` folds the same events with
 //!   stabilize's `EventReplayer` and writes with its `SnapshotStore` every
 //!   `event_interval` events, into a fresh database of the same kind.
 //!   Python is `$STABILIZE_PYTHON` or `.venv/bin/python`.
 //! * `--event-interval N` [100], `--binary PATH` [target/release/snapshotd].
+//! * `--keep`: leave the daemon's database (Postgres) or copy it to
+//!   `./snapshotd_load.db` (SQLite), e.g. for `tests/python/verify_snapshots.py`.
 //!
 //! Any `SNAPSHOTD_*` variable in the tool's environment reaches the daemon.
 //! The store ceiling: after the daemon exits, the rows of `snapshots` are
@@ -76,6 +79,7 @@ struct Args {
     events_table: bool,
     python: bool,
     seed: u64,
+    keep: bool,
 }
 
 fn parse_args() -> Args {
@@ -91,6 +95,7 @@ fn parse_args() -> Args {
         events_table: false,
         python: false,
         seed: 1,
+        keep: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -115,6 +120,7 @@ fn parse_args() -> Args {
             "--events-table" => args.events_table = true,
             "--python" => args.python = true,
             "--seed" => args.seed = value().parse().expect("--seed N"),
+            "--keep" => args.keep = true,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -1007,15 +1013,16 @@ fn python() -> PathBuf {
     path
 }
 
-/// stabilize's own DDL for its `events` table (with the `commit_xid`
-/// migration it applies), read from the installed package.
+/// stabilize's own DDL, read from the installed package: `SETUP_DDL`, what
+/// its migration operator applies in production (`events` with its
+/// `commit_xid` migration, `snapshots`, `event_subscriptions`; the daemon
+/// then works with the `snapshots` table stabilize created, and
+/// stabilize's own store opens the database, e.g. `verify_snapshots.py`).
 fn stabilize_events_ddl() -> String {
     let output = Command::new(python())
         .args([
             "-c",
-            "from stabilize.events.store.postgres import schema as s\n\
-             print(s.EVENTS_SCHEMA)\n\
-             print(''.join(f'{x};\\n' for x in s.EVENTS_COMMIT_XID_MIGRATION))",
+            "from stabilize.events.store.postgres import schema as s; print(s.SETUP_DDL)",
         ])
         .output()
         .expect("run python for stabilize's schema");
@@ -1435,7 +1442,16 @@ fn main() {
         let ceiling = db.ceiling(dir.path()).await;
         (sizes, ceiling)
     });
-    if let Some(name) = &drop_db {
+    if args.keep {
+        let kept = if drop_db.is_some() {
+            url.clone()
+        } else {
+            let path = PathBuf::from("snapshotd_load.db");
+            std::fs::copy(dir.path().join("snapshots.db"), &path).unwrap();
+            format!("sqlite://{}", path.display())
+        };
+        eprintln!("kept the daemon's database: {kept}");
+    } else if let Some(name) = &drop_db {
         runtime.block_on(drop_database(&args.database, name));
     }
     let python_way = args
