@@ -27,6 +27,7 @@ pub mod names {
     pub const SNAPSHOTS_UNCOVERED: &str = "snapshots_uncovered";
     pub const WRITE_ERRORS: &str = "write_errors";
     pub const REBUILDS: &str = "rebuilds";
+    pub const REFOLDS_IN_MEMORY: &str = "refolds_in_memory";
     pub const HYDRATIONS: &str = "hydrations";
     pub const ACTOR_RESTARTS: &str = "actor_restarts";
     pub const CONNECTIONS_UNREAD: &str = "connections_unread";
@@ -79,6 +80,7 @@ pub struct Stats {
     pub snapshots_uncovered: Counter,
     pub write_errors: Counter,
     pub rebuilds: Counter,
+    pub refolds_in_memory: Counter,
     pub hydrations: Counter,
     pub actor_restarts: Counter,
     pub connections_unread: Counter,
@@ -147,6 +149,7 @@ impl Default for Stats {
             snapshots_uncovered: Counter::default(),
             write_errors: Counter::default(),
             rebuilds: Counter::default(),
+            refolds_in_memory: Counter::default(),
             hydrations: Counter::default(),
             actor_restarts: Counter::default(),
             connections_unread: Counter::default(),
@@ -185,7 +188,7 @@ impl Stats {
         let mut stats = Stats::default();
         let r = &mut stats.registry;
         use names::*;
-        let counters: [(&str, &str, &Counter); 17] = [
+        let counters: [(&str, &str, &Counter); 18] = [
             (
                 VERIFY_CHECKED,
                 "Snapshot rows the background scrub rebuilt from the events table and compared.",
@@ -250,6 +253,11 @@ impl Stats {
                 REBUILDS,
                 "Entity states rebuilt from the events table.",
                 &stats.rebuilds,
+            ),
+            (
+                REFOLDS_IN_MEMORY,
+                "Windows with out-of-order events re-folded in sequence order from the events kept in memory (the table only confirmed their sequences).",
+                &stats.refolds_in_memory,
             ),
             (
                 HYDRATIONS,
@@ -446,6 +454,10 @@ impl Stats {
             (names::WRITER_PENDING_LIMIT, self.writer_pending_limit.get()),
             (names::VERIFY_CHECKED, self.verify_checked.get() as i64),
             (names::VERIFY_MISMATCH, self.verify_mismatch.get() as i64),
+            (
+                names::REFOLDS_IN_MEMORY,
+                self.refolds_in_memory.get() as i64,
+            ),
         ];
         if let Some(map) = all.as_object_mut() {
             for (name, value) in more {

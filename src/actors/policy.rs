@@ -471,7 +471,7 @@ impl PolicyState {
         // trusted; a table that appeared since is used.)
         if self.ledger.is_dirty()
             && self.config().events_table.check().await
-            && let Err(error) = self.refold_window(newest).await
+            && let Err(error) = self.refold(newest).await
         {
             tracing::warn!(entity = %self.args.key, error = %chain(&error),
                 "Re-folding out-of-order events from the events table failed; will retry at the next snapshot.");
@@ -504,6 +504,26 @@ impl PolicyState {
             .events_table
             .known()
             .then(|| config.event_interval.saturating_mul(4).max(64))
+    }
+
+    /// Re-fold the window in sequence order: in memory when the ledger kept
+    /// the last snapshot's state and the window's events and the table
+    /// holds exactly the window's sequences up to `upto`; else from the
+    /// table ([`Self::refold_window`]).
+    async fn refold(&mut self, upto: i64) -> Result<(), StoreError> {
+        if self.ledger.can_refold_in_memory() {
+            let (_, snap_seq) = self.ledger.snapshot_position();
+            let in_table = self
+                .args
+                .store
+                .workflow_sequences(&self.workflow_id(), snap_seq, upto)
+                .await?;
+            if in_table == self.ledger.window_sequences() && self.ledger.refold_in_memory() {
+                self.args.stats.refolds_in_memory.inc();
+                return Ok(());
+            }
+        }
+        self.refold_window(upto).await
     }
 
     /// Replace the state with the last snapshot plus the table's events

@@ -13,6 +13,11 @@
 //!   the events table to settle when there is one ([`Receipt::Settle`]);
 //!   without one, it is a resend when the snapshot we started from covers
 //!   it (`forgotten_upto`), else folded late.
+//! * Once an entity has had an event out of order, the ledger keeps, from
+//!   its next snapshot on, that snapshot's state and the window's events
+//!   ([`Ledger::refold_in_memory`]): when the table holds exactly the
+//!   window's sequences, the window is re-folded without reading the
+//!   events again.
 
 use super::event::Event;
 use crate::reducer::Reducer;
@@ -30,6 +35,16 @@ pub enum Receipt {
     Folded { late: bool, first: bool },
 }
 
+/// Most events kept for an in-memory re-fold; past it, the table is read.
+const REPLAY_MAX_EVENTS: usize = 1024;
+
+/// The last snapshot's state and every event folded since, as received.
+#[derive(Debug, Clone)]
+struct Replay {
+    base: Map<String, Value>,
+    events: Vec<Event>,
+}
+
 /// One entity's state and exactness bookkeeping.
 #[derive(Debug, Clone)]
 pub struct Ledger {
@@ -44,6 +59,10 @@ pub struct Ledger {
     /// seen: covered by the snapshot started from.
     forgotten_upto: i64,
     dirty: bool,
+    /// An event came out of sequence order at least once.
+    disordered: bool,
+    /// Kept from the first snapshot after that (see the module doc).
+    replay: Option<Box<Replay>>,
 }
 
 impl Ledger {
@@ -58,6 +77,8 @@ impl Ledger {
             folded: Vec::new(),
             forgotten_upto: 0,
             dirty: false,
+            disordered: false,
+            replay: None,
         }
     }
 
@@ -80,6 +101,34 @@ impl Ledger {
         self.window.last().copied()
     }
 
+    /// The sequences folded since the last snapshot, in order.
+    pub fn window_sequences(&self) -> &[i64] {
+        &self.window
+    }
+
+    /// The last snapshot's state and the window's events are kept.
+    pub fn can_refold_in_memory(&self) -> bool {
+        self.replay.is_some()
+    }
+
+    /// Re-fold the window in sequence order from the kept snapshot state
+    /// and events. The caller has checked the window holds every event the
+    /// table has after the snapshot up to its newest. False when nothing
+    /// is kept.
+    pub fn refold_in_memory(&mut self) -> bool {
+        let Some(replay) = &mut self.replay else {
+            return false;
+        };
+        replay.events.sort_by_key(|e| e.sequence);
+        let mut state = replay.base.clone();
+        for event in &replay.events {
+            self.reducer.fold(&mut state, event);
+        }
+        self.state = state;
+        self.dirty = false;
+        true
+    }
+
     /// Something was folded out of sequence order.
     pub fn is_dirty(&self) -> bool {
         self.dirty
@@ -97,6 +146,7 @@ impl Ledger {
         self.snap_version = version;
         self.snap_seq = sequence;
         self.forgotten_upto = sequence;
+        self.replay = None;
     }
 
     /// File an arriving event. `table`: stabilize's events table can
@@ -118,6 +168,7 @@ impl Ledger {
             self.window.last().is_some_and(|&last| last > seq)
         };
         self.dirty |= late;
+        self.disordered |= late;
         let first = self.window.is_empty();
         self.fold(event);
         Receipt::Folded { late, first }
@@ -127,6 +178,13 @@ impl Ledger {
     pub fn fold(&mut self, event: &Event) {
         insert_sorted(&mut self.window, event.sequence);
         self.reducer.fold(&mut self.state, event);
+        if let Some(replay) = &mut self.replay {
+            if replay.events.len() < REPLAY_MAX_EVENTS {
+                replay.events.push(event.clone());
+            } else {
+                self.replay = None;
+            }
+        }
     }
 
     /// Version and sequence a snapshot of the window would have; `None`
@@ -140,8 +198,8 @@ impl Ledger {
     }
 
     /// The window became the snapshot at `position` ([`Self::next_position`]).
-    /// With `trim_to`, `folded` keeps about that many newest sequences (the
-    /// table settles older questions).
+    /// `trim_to` is given when there is an events table: `folded` then keeps
+    /// about that many newest sequences (the table settles older questions).
     pub fn settle(&mut self, (version, sequence): (i32, i64), trim_to: Option<usize>) {
         self.dirty = false;
         self.snap_version = version;
@@ -156,6 +214,13 @@ impl Ledger {
                 self.folded.drain(..cut);
             }
         }
+        // Only with a table (`trim_to`) is a window ever re-folded.
+        self.replay = (self.disordered && trim_to.is_some()).then(|| {
+            Box::new(Replay {
+                base: self.state.clone(),
+                events: Vec::new(),
+            })
+        });
     }
 
     /// Re-fold the window in sequence order: `base` is the last snapshot's
@@ -166,6 +231,7 @@ impl Ledger {
             self.snap_version = 0;
             self.snap_seq = 0;
         }
+        self.replay = None;
         self.state = base;
         self.window.clear();
         for event in events {
@@ -178,6 +244,7 @@ impl Ledger {
     /// `upto` (`events` are all of them, in order): that becomes the
     /// snapshot position.
     pub fn replay(&mut self, initial: Map<String, Value>, events: &[Event], upto: i64) {
+        self.replay = None;
         self.state = initial;
         self.folded.clear();
         self.window.clear();
@@ -319,6 +386,38 @@ mod tests {
             }
         );
         assert!(l2.is_dirty());
+    }
+
+    #[test]
+    fn after_disorder_the_window_refolds_in_memory_like_the_table_would() {
+        let mut l = ledger();
+        l.receive(&event(2), true);
+        l.receive(&event(1), true); // out of order: from now on, keep
+        assert!(!l.can_refold_in_memory(), "nothing kept before a snapshot");
+        l.settle(l.next_position().unwrap(), Some(64));
+        assert!(l.can_refold_in_memory());
+        // Merge events folded out of order: "k" ends as the later sequence's.
+        let set = |seq: i64| {
+            let mut e = event(seq);
+            e.data.insert("k".into(), json!(seq));
+            e
+        };
+        l.receive(&set(5), true);
+        l.receive(&set(3), true);
+        l.receive(&set(3), true); // a duplicate is not kept twice
+        assert!(l.is_dirty());
+        assert_eq!(l.state()["k"], json!(3), "arrival order before the refold");
+        assert_eq!(l.window_sequences(), [3, 5]);
+        assert!(l.refold_in_memory());
+        assert!(!l.is_dirty());
+        assert_eq!(l.state()["k"], json!(5), "sequence order after it");
+        assert_eq!(keys(&l), ["k", "s1", "s2", "s3", "s5"]);
+        assert_eq!(l.next_position(), Some((4, 5)));
+        // A table replay forgets what was kept until the next snapshot.
+        let initial = Reducer::Merge.initial(&EntityKey::new(EntityType::Task, "t"));
+        l.replay(initial, &[event(1)], 1);
+        assert!(!l.can_refold_in_memory());
+        assert!(!l.refold_in_memory());
     }
 
     #[test]

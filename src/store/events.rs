@@ -223,6 +223,43 @@ impl Store {
         .map_err(op)
     }
 
+    /// The sequences of the workflow's events with `after < sequence <=
+    /// upto`, in order: what [`Store::workflow_events`] would return,
+    /// without reading and decoding the events.
+    pub async fn workflow_sequences(
+        &self,
+        workflow_id: &str,
+        after: i64,
+        upto: i64,
+    ) -> Result<Vec<i64>, StoreError> {
+        let op = StoreError::query("read a workflow's event sequences");
+        match self {
+            Store::Postgres(s) => {
+                sqlx::query_scalar(
+                    "SELECT sequence::int8 FROM events WHERE workflow_id = $1 \
+                     AND sequence > $2 AND sequence <= $3 ORDER BY sequence",
+                )
+                .bind(workflow_id)
+                .bind(after)
+                .bind(upto)
+                .fetch_all(s.pool())
+                .await
+            }
+            Store::Sqlite(s) => {
+                sqlx::query_scalar(
+                    "SELECT sequence FROM events WHERE workflow_id = ?1 \
+                     AND sequence > ?2 AND sequence <= ?3 ORDER BY sequence",
+                )
+                .bind(workflow_id)
+                .bind(after)
+                .bind(upto)
+                .fetch_all(s.pool())
+                .await
+            }
+        }
+        .map_err(op)
+    }
+
     /// The workflow's events with `after < sequence <= upto`, in sequence order.
     pub async fn workflow_events(
         &self,
