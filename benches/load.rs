@@ -1510,6 +1510,14 @@ fn main() {
         stats["snapshots_written"]
     );
     println!(
+        "exactness work:     {} late, {} duplicate, {} re-folded in memory, {} rebuilt from the table, {} uncovered",
+        stats["events_late"],
+        stats["events_duplicate"],
+        stats["refolds_in_memory"],
+        stats["rebuilds"],
+        stats["snapshots_uncovered"]
+    );
+    println!(
         "daemon CPU:         {cpu:.2} s to the flush = {:.1} µs an event (CLK_TCK {ticks})",
         cpu * 1e6 / events as f64
     );
