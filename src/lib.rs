@@ -31,6 +31,7 @@
 pub mod actors;
 pub mod app;
 pub mod cli;
+pub mod cluster;
 pub mod error;
 pub mod feed;
 pub mod model;

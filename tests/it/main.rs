@@ -5,6 +5,7 @@ mod helpers;
 mod backfill;
 mod canonical;
 mod cli;
+mod cluster;
 mod crosscheck;
 mod daemon;
 mod feed;
