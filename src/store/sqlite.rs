@@ -17,21 +17,6 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-const UPSERT: &str = "
-INSERT INTO snapshots
-    (entity_type, entity_id, workflow_id, version, sequence, state, state_hash, created_at)
-SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
-WHERE NOT EXISTS (
-    SELECT 1 FROM snapshots s WHERE s.entity_type = ?1 AND s.entity_id = ?2 AND s.version > ?4)
-ON CONFLICT (entity_type, entity_id, version) DO UPDATE SET
-    workflow_id = excluded.workflow_id,
-    sequence = excluded.sequence,
-    state = excluded.state,
-    state_hash = excluded.state_hash,
-    created_at = excluded.created_at
-WHERE snapshots.state_hash IS NOT excluded.state_hash
-   OR snapshots.sequence <> excluded.sequence";
-
 /// Rows per multi-row upsert (8 parameters each: well under SQLite's
 /// 32,766), and entities per prune statement.
 const ROWS_PER_STATEMENT: usize = 200;
@@ -43,9 +28,10 @@ fn values_list(rows: usize, columns: usize) -> String {
     vec![row; rows].join(", ")
 }
 
-/// [`UPSERT`] for `rows` rows at once: the same condition and conflict
-/// rule, judged for every row against the table as it was before the
-/// statement (so the rows must be of distinct entities).
+/// Upsert `rows` rows (one, or many of distinct entities): a row older than
+/// what the table holds for its entity is skipped, a same-version row is
+/// replaced only when it differs; each is judged against the table as it
+/// was before the statement.
 fn multi_upsert(rows: usize) -> String {
     let values = values_list(rows, 8);
     format!(
@@ -199,7 +185,7 @@ impl SqliteStore {
             one_by_one.extend(rows.iter().copied());
         }
         for row in &one_by_one {
-            match upsert(&mut tx, row).await {
+            match upsert_many(&mut tx, std::slice::from_ref(row)).await {
                 Ok(written) => {
                     outcome.written += written;
                     outcome.skipped += 1 - written;
@@ -322,25 +308,6 @@ impl SqliteStore {
     pub(super) async fn close(&self) {
         self.pool.close().await;
     }
-}
-
-async fn upsert(
-    tx: &mut Transaction<'_, Sqlite>,
-    row: &&PreparedSnapshot,
-) -> Result<u64, sqlx::Error> {
-    let s = row;
-    let result = sqlx::query(UPSERT)
-        .bind(s.key.entity_type.as_str())
-        .bind(&*s.key.entity_id)
-        .bind(&*s.workflow_id)
-        .bind(i64::from(s.version))
-        .bind(s.sequence)
-        .bind(row.state_text.as_str())
-        .bind(s.state_hash.as_str())
-        .bind(s.created_at.format(CREATED_AT_FORMAT).to_string())
-        .execute(&mut **tx)
-        .await?;
-    Ok(result.rows_affected())
 }
 
 /// [`multi_upsert`] of `rows` (distinct entities); the rows written.
