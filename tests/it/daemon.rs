@@ -354,10 +354,7 @@ fn the_merge_reducer_patches_per_entity_and_the_writer_prunes_old_snapshots() {
         serde_json::from_str(r#"{"nested": {"x": 1, "z": [1]}, "b": "two", "c": 1e-07}"#).unwrap();
     assert_eq!(snapshot["state"], expected);
     // Only the newest two of the four snapshots are kept.
-    let rows = std::process::Command::new(env!("CARGO_BIN_EXE_snapshotd"))
-        .args(["verify", "--database-url", &backend.url()])
-        .output()
-        .unwrap();
+    let rows = verify(&backend.url());
     assert!(
         String::from_utf8_lossy(&rows.stdout).starts_with("2 snapshot rows verified"),
         "{rows:?}"
@@ -591,10 +588,7 @@ async fn first_rows_skip_the_prune_and_later_ones_do_not(backend: Backend) {
         let reply = daemon.command(json!({"op": "get", "entity_type": "task", "entity_id": id}));
         assert_eq!(reply["snapshot"]["version"], version, "{reply}");
     }
-    let rows = std::process::Command::new(env!("CARGO_BIN_EXE_snapshotd"))
-        .args(["verify", "--database-url", &backend.url()])
-        .output()
-        .unwrap();
+    let rows = verify(&backend.url());
     assert!(
         String::from_utf8_lossy(&rows.stdout).starts_with("2 snapshot rows verified"),
         "one row per entity is kept: {rows:?}"
@@ -609,4 +603,12 @@ async fn first_rows_skip_the_prune_on_sqlite() {
 #[tokio::test]
 async fn first_rows_skip_the_prune_on_postgres() {
     first_rows_skip_the_prune_and_later_ones_do_not(Backend::postgres().await).await;
+}
+
+/// `snapshotd verify` of the database at `url`.
+fn verify(url: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_snapshotd"))
+        .args(["verify", "--database-url", url])
+        .output()
+        .unwrap()
 }
