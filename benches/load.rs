@@ -536,37 +536,35 @@ impl Workflow {
         ((self.rng.range(lo, hi) as f64) * self.weight).round() as u64
     }
 
-    fn workflow(&mut self, event_type: &'static str, data: Value, handler: &'static str) -> Draft {
-        self.version += 1;
+    /// The next event of the workflow, its current stage or its current
+    /// task (`entity_type`), with that entity's next version.
+    fn draft(
+        &mut self,
+        entity_type: &'static str,
+        event_type: &'static str,
+        data: Value,
+        handler: &'static str,
+    ) -> Draft {
+        let (entity_id, version) = match entity_type {
+            "workflow" => {
+                self.version += 1;
+                (self.id.clone(), self.version)
+            }
+            "stage" => {
+                self.stage_version += 1;
+                (self.stage_id.clone(), self.stage_version)
+            }
+            "task" => {
+                self.task_version += 1;
+                (self.task_id.clone(), self.task_version)
+            }
+            other => unreachable!("no such entity type: {other}"),
+        };
         Draft {
             event_type,
-            entity_type: "workflow",
-            entity_id: self.id.clone(),
-            version: self.version,
-            data,
-            source_handler: handler,
-        }
-    }
-
-    fn stage(&mut self, event_type: &'static str, data: Value, handler: &'static str) -> Draft {
-        self.stage_version += 1;
-        Draft {
-            event_type,
-            entity_type: "stage",
-            entity_id: self.stage_id.clone(),
-            version: self.stage_version,
-            data,
-            source_handler: handler,
-        }
-    }
-
-    fn task(&mut self, event_type: &'static str, data: Value, handler: &'static str) -> Draft {
-        self.task_version += 1;
-        Draft {
-            event_type,
-            entity_type: "task",
-            entity_id: self.task_id.clone(),
-            version: self.task_version,
+            entity_type,
+            entity_id,
+            version,
             data,
             source_handler: handler,
         }
@@ -578,7 +576,8 @@ impl Workflow {
         if self.emitted == self.total && self.emitted > 2 {
             self.step = Step::Done;
             let duration = millis - self.started_ms;
-            return self.workflow(
+            return self.draft(
+                "workflow",
                 "workflow.completed",
                 json!({"status": "SUCCEEDED", "end_time": millis, "duration_ms": duration}),
                 "CompleteWorkflowHandler",
@@ -592,7 +591,8 @@ impl Workflow {
                 let name = *self
                     .rng
                     .pick(&["deploy-prod", "nightly-etl", "canary", "rollback"]);
-                self.workflow(
+                self.draft(
+                    "workflow",
                     "workflow.created",
                     json!({"application": application, "name": name, "type": "PIPELINE",
                            "trigger_type": "manual", "stage_count": stages,
@@ -620,7 +620,8 @@ impl Workflow {
                     "canary_percent": 12.5,
                 });
                 let first_stage = self.rng.ulid(millis);
-                self.workflow(
+                self.draft(
+                    "workflow",
                     "workflow.started",
                     json!({"start_time": millis, "initial_stage_ids": [first_stage],
                            "context": context}),
@@ -642,7 +643,8 @@ impl Workflow {
                 self.step = Step::TaskStarted;
                 let (ref_id, kind, name) = self.stage_meta.clone();
                 let tasks = self.tasks_in_stage;
-                self.stage(
+                self.draft(
+                    "stage",
                     "stage.started",
                     json!({"ref_id": ref_id, "type": kind, "name": name, "start_time": millis,
                            "is_synthetic": false, "parent_stage_id": null, "task_count": tasks}),
@@ -660,7 +662,8 @@ impl Workflow {
                 };
                 let class = *self.rng.pick(TASK_CLASSES);
                 let (name, stage_id) = (self.task_name, self.stage_id.clone());
-                self.task(
+                self.draft(
+                    "task",
                     "task.started",
                     json!({"name": name, "implementing_class": class, "start_time": millis,
                            "stage_id": stage_id}),
@@ -670,7 +673,7 @@ impl Workflow {
             Step::TaskRetried => {
                 self.step = Step::TaskCompleted;
                 let name = self.task_name;
-                self.task(
+                self.draft("task", 
                     "task.retried",
                     json!({"name": name, "attempt": 2,
                            "last_error": "ConnectionResetError: [Errno 104] Connection reset by peer"}),
@@ -683,7 +686,8 @@ impl Workflow {
                 let outputs = outputs(&mut self.rng, keys);
                 let name = self.task_name;
                 let duration = self.rng.below(120_000);
-                self.task(
+                self.draft(
+                    "task",
                     "task.completed",
                     json!({"name": name, "status": "SUCCEEDED", "end_time": millis,
                            "duration_ms": duration, "outputs": outputs}),
@@ -699,7 +703,8 @@ impl Workflow {
                 };
                 let keys = self.scaled(1, 3);
                 let context = outputs(&mut self.rng, keys);
-                self.stage(
+                self.draft(
+                    "stage",
                     "context.updated",
                     json!({"context": context}),
                     "CompleteTaskHandler",
@@ -711,7 +716,8 @@ impl Workflow {
                 let outputs = outputs(&mut self.rng, keys);
                 let (ref_id, kind, name) = self.stage_meta.clone();
                 let duration = self.rng.below(600_000);
-                self.stage(
+                self.draft(
+                    "stage",
                     "stage.completed",
                     json!({"ref_id": ref_id, "type": kind, "name": name, "status": "SUCCEEDED",
                            "end_time": millis, "duration_ms": duration, "outputs": outputs}),
@@ -728,7 +734,8 @@ impl Workflow {
                     json!(format!("s3://builds/app/{}/out.tar.gz", self.rng.hex(16))),
                 );
                 context.insert("last_stage".into(), json!(ref_id));
-                self.workflow(
+                self.draft(
+                    "workflow",
                     "context.updated",
                     json!({"context": context}),
                     "CompleteStageHandler",
