@@ -6,13 +6,14 @@ use crate::actors::messages::{RouterMsg, WriterMsg};
 use crate::actors::policy::PolicyConfig;
 use crate::actors::router::{Router, RouterArgs};
 use crate::actors::writer::{Writer, WriterArgs};
+use crate::cluster::coordinator::{ClusterHandle, Coordinator, Steered};
 use crate::error::chain;
 use crate::feed::table::{FeedHandle, TableFeed};
 use crate::model::event::Limits;
 use crate::reducer::Reducer;
 use crate::settings::{EventsTable, Settings};
 use crate::stats::Stats;
-use crate::store::{EventsTableWatch, Store, StoreError, StoreOptions};
+use crate::store::{EventsTableWatch, Store, StoreError, StoreOptions, WriteFence};
 use ractor::{Actor, ActorRef};
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -59,6 +60,8 @@ pub enum StartError {
     },
     #[error("cannot start the {0} actor: {1}")]
     Spawn(&'static str, String),
+    #[error("cannot join the cluster")]
+    Cluster(#[from] crate::cluster::coordinator::JoinError),
 }
 
 /// A running daemon.
@@ -78,6 +81,8 @@ pub struct App {
     ingest: JoinHandle<()>,
     /// The table feed's task, when it follows stabilize's events table.
     feed: Option<JoinHandle<()>>,
+    /// The coordinator keeping this node's leases, in a cluster.
+    cluster: Option<ClusterHandle>,
 }
 
 impl App {
@@ -109,6 +114,25 @@ impl App {
         stats
             .writer_pending_limit
             .set(settings.writer.max_pending as i64);
+        let coordinator = if settings.cluster.enabled {
+            Some(
+                Coordinator::join(
+                    &store,
+                    &settings.database.url,
+                    &settings.cluster,
+                    stats.clone(),
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        let ownership = coordinator.as_ref().map(Coordinator::ownership);
+        let fence = ownership.as_ref().map(|own| WriteFence {
+            node_id: own.node_id().to_string(),
+            write_log: settings.cluster.write_log,
+            idle_timeout: Duration::from_secs(settings.cluster.failover_secs) / 5,
+        });
 
         let (writer, _) = Actor::spawn(
             None,
@@ -121,6 +145,7 @@ impl App {
                 retry_max: Duration::from_secs(settings.writer.retry_max_secs),
                 keep_snapshots: settings.policy.keep_snapshots,
                 stats: stats.clone(),
+                fence,
             },
         )
         .await
@@ -146,6 +171,7 @@ impl App {
                 writer_permits: Arc::new(Semaphore::new(settings.writer.max_pending)),
                 stats: stats.clone(),
                 max_active: settings.policy.max_active_entities,
+                ownership: ownership.clone(),
             },
         )
         .await
@@ -172,6 +198,7 @@ impl App {
                 events_table: events_table.clone(),
                 settings: settings.feed.clone(),
                 reducer,
+                ownership: ownership.clone(),
             }
             .spawn(stop_rx.clone());
             (handle, Some(task))
@@ -214,6 +241,7 @@ impl App {
             max_connections: settings.socket.max_connections,
             reply_buffer_bytes: settings.socket.reply_buffer_bytes,
             reply_timeout: settings.socket.reply_timeout(),
+            ownership,
         };
         let metrics_address = if settings.metrics.address.is_empty() {
             None
@@ -236,6 +264,15 @@ impl App {
             }
             bound
         };
+        let cluster = coordinator.map(|coordinator| {
+            coordinator.spawn(
+                Steered {
+                    router: router.clone(),
+                    writer: writer.clone(),
+                },
+                stop_rx.clone(),
+            )
+        });
         let ingest = tokio::spawn(ingest::serve(listener, ctx, stop_rx));
         tracing::info!(socket = %settings.socket.path.display(), activated, "Listening.");
         let mut status = StatusLine::new(&stats);
@@ -291,6 +328,7 @@ impl App {
             stop_ingest,
             ingest,
             feed,
+            cluster,
         })
     }
 
@@ -348,6 +386,10 @@ impl App {
             _ => usize::MAX,
         };
         let lost = stranded.saturating_add(uncommitted);
+        // The final snapshots are committed: free the leases for the others.
+        if let Some(cluster) = self.cluster {
+            cluster.leave(left() + Duration::from_secs(2)).await;
+        }
         self.router.stop(None);
         self.writer.stop(None);
         self.store.close().await;

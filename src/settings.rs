@@ -23,6 +23,7 @@ pub struct Settings {
     pub writer: WriterSettings,
     pub shutdown: ShutdownSettings,
     pub verify: VerifySettings,
+    pub cluster: ClusterSettings,
     pub metrics: MetricsSettings,
     pub log: LogSettings,
 }
@@ -130,6 +131,18 @@ pub struct WriterSettings {
 pub struct ShutdownSettings {
     pub grace_secs: u64,
     pub snapshot_on_shutdown: bool,
+}
+
+/// `[cluster]`: several daemons on one PostgreSQL database.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterSettings {
+    pub enabled: bool,
+    pub partitions: u32,
+    /// Empty: generated at start.
+    pub node_id: String,
+    pub failover_secs: u64,
+    pub handover_secs: u64,
+    pub write_log: bool,
 }
 
 /// `[verify]`: the background scrub.
@@ -324,6 +337,53 @@ impl Settings {
                 format!("{} is not a fraction in (0, 1]", verify.sample),
             );
         }
+        let cluster = ClusterSettings {
+            enabled: c.get("cluster.enabled"),
+            partitions: c.positive("cluster.partitions"),
+            node_id: c.get("cluster.node_id"),
+            failover_secs: c.positive("cluster.failover_secs"),
+            handover_secs: c.positive("cluster.handover_secs"),
+            write_log: c.get("cluster.write_log"),
+        };
+        if cluster.enabled {
+            if !database.url.starts_with("postgres") {
+                c.problem(
+                    "cluster.enabled",
+                    "needs PostgreSQL (database.url = \"postgres://...\"): the daemons \
+                     coordinate through it"
+                        .into(),
+                );
+            }
+            if reducer.kind != ReducerKind::Stabilize {
+                c.problem(
+                    "cluster.enabled",
+                    "needs reducer.kind = \"stabilize\": partitions are workflows".into(),
+                );
+            }
+            if database.events_table == EventsTable::Off || feed.table == EventsTable::Off {
+                c.problem(
+                    "cluster.enabled",
+                    "needs the table feed (database.events_table and feed.table \"auto\"): \
+                     each node reads its partitions' events from stabilize's events table"
+                        .into(),
+                );
+            }
+            if cluster.failover_secs < 3 {
+                c.problem(
+                    "cluster.failover_secs",
+                    format!("{} is below 3 seconds", cluster.failover_secs),
+                );
+            }
+        }
+        if cluster.partitions > 100_000 {
+            c.problem(
+                "cluster.partitions",
+                format!("{} is more than 100000", cluster.partitions),
+            );
+        }
+        if cluster.node_id.len() > 200 {
+            c.problem("cluster.node_id", "is longer than 200 bytes".into());
+        }
         let address: String = c.get("metrics.address");
         if !address.is_empty() && address.parse::<std::net::SocketAddr>().is_err() {
             c.problem(
@@ -354,6 +414,7 @@ impl Settings {
                 writer,
                 shutdown,
                 verify,
+                cluster,
                 metrics,
                 log,
             })

@@ -48,6 +48,12 @@ pub mod names {
     pub const VERIFY_CHECKED: &str = "verify_checked";
     pub const VERIFY_MISMATCH: &str = "verify_mismatch";
     pub const BUILD_INFO: &str = "build_info";
+    pub const EVENTS_NOT_OWNED: &str = "events_not_owned";
+    pub const SNAPSHOTS_FENCED: &str = "snapshots_fenced";
+    pub const PARTITIONS_OWNED: &str = "partitions_owned";
+    pub const PARTITIONS_ACQUIRED: &str = "partitions_acquired";
+    pub const PARTITIONS_RELEASED: &str = "partitions_released";
+    pub const PARTITIONS_LOST: &str = "partitions_lost";
 }
 
 /// The `kind` label of refused frames.
@@ -91,6 +97,17 @@ pub struct Stats {
     pub verify_checked: Counter,
     /// Rows the scrub found different from their rebuild.
     pub verify_mismatch: Counter,
+    /// Cluster: socket events of partitions this node does not own (their
+    /// owner reads them from the events table).
+    pub events_not_owned: Counter,
+    /// Cluster: snapshots not written because their lease was gone.
+    pub snapshots_fenced: Counter,
+    /// Cluster: leases taken, handed over, and lost to another node.
+    pub partitions_acquired: Counter,
+    pub partitions_released: Counter,
+    pub partitions_lost: Counter,
+    /// Cluster: partitions owned now.
+    pub partitions_owned: Gauge,
     /// Sequence of the last event the table feed read (0: not following).
     pub feed_cursor: Gauge,
     /// Sequences between the table's newest event and the feed's cursor.
@@ -166,6 +183,12 @@ impl Default for Stats {
             writer_pending_limit: Gauge::default(),
             verify_checked: Counter::default(),
             verify_mismatch: Counter::default(),
+            events_not_owned: Counter::default(),
+            snapshots_fenced: Counter::default(),
+            partitions_acquired: Counter::default(),
+            partitions_released: Counter::default(),
+            partitions_lost: Counter::default(),
+            partitions_owned: Gauge::default(),
             store_up: Gauge::default(),
             write_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             write_batch: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
@@ -188,7 +211,32 @@ impl Stats {
         let mut stats = Stats::default();
         let r = &mut stats.registry;
         use names::*;
-        let counters: [(&str, &str, &Counter); 18] = [
+        let counters: [(&str, &str, &Counter); 23] = [
+            (
+                EVENTS_NOT_OWNED,
+                "Socket events of partitions another node owns (not folded here; the owner reads the events table).",
+                &stats.events_not_owned,
+            ),
+            (
+                SNAPSHOTS_FENCED,
+                "Snapshots not written because this node no longer held their partition's lease.",
+                &stats.snapshots_fenced,
+            ),
+            (
+                PARTITIONS_ACQUIRED,
+                "Partition leases taken.",
+                &stats.partitions_acquired,
+            ),
+            (
+                PARTITIONS_RELEASED,
+                "Partitions handed over to other nodes.",
+                &stats.partitions_released,
+            ),
+            (
+                PARTITIONS_LOST,
+                "Partition leases lost (another node took them, or they could not be renewed).",
+                &stats.partitions_lost,
+            ),
             (
                 VERIFY_CHECKED,
                 "Snapshot rows the background scrub rebuilt from the events table and compared.",
@@ -310,7 +358,12 @@ impl Stats {
             "Age in seconds of the oldest event the table feed has not read (0 when caught up).",
             stats.feed_lag.clone(),
         );
-        let gauges: [(&str, &str, &Gauge); 7] = [
+        let gauges: [(&str, &str, &Gauge); 8] = [
+            (
+                PARTITIONS_OWNED,
+                "Cluster partitions this node owns.",
+                &stats.partitions_owned,
+            ),
             (
                 WRITER_PENDING_LIMIT,
                 "writer.max_pending: the most snapshots the writer holds before senders wait.",
@@ -458,6 +511,18 @@ impl Stats {
                 names::REFOLDS_IN_MEMORY,
                 self.refolds_in_memory.get() as i64,
             ),
+            (names::EVENTS_NOT_OWNED, self.events_not_owned.get() as i64),
+            (names::SNAPSHOTS_FENCED, self.snapshots_fenced.get() as i64),
+            (names::PARTITIONS_OWNED, self.partitions_owned.get()),
+            (
+                names::PARTITIONS_ACQUIRED,
+                self.partitions_acquired.get() as i64,
+            ),
+            (
+                names::PARTITIONS_RELEASED,
+                self.partitions_released.get() as i64,
+            ),
+            (names::PARTITIONS_LOST, self.partitions_lost.get() as i64),
         ];
         if let Some(map) = all.as_object_mut() {
             for (name, value) in more {

@@ -54,6 +54,8 @@ pub struct IngestContext {
     pub reply_buffer_bytes: usize,
     /// A peer that reads none of its replies this long is disconnected.
     pub reply_timeout: Duration,
+    /// In a cluster, for `stats`: this node and what it owns.
+    pub ownership: Option<Arc<crate::cluster::ownership::Ownership>>,
 }
 
 /// Accept connections until `shutdown` turns true; then stop accepting, tell
@@ -382,7 +384,16 @@ async fn command_reply(
     let command = match command {
         Command::Ping => return conn.reply(ok_line("ping", frame, json!({}))).await,
         Command::Stats => {
-            let stats = json!({"stats": ctx.stats.to_json()});
+            let mut stats = ctx.stats.to_json();
+            if let Some(own) = &ctx.ownership {
+                let owned: Vec<u32> = own.held().iter().map(|f| f.partition).collect();
+                stats["cluster"] = json!({
+                    "node_id": own.node_id(),
+                    "partitions": own.partitions(),
+                    "owned": owned,
+                });
+            }
+            let stats = json!({"stats": stats});
             return conn.reply(ok_line("stats", frame, stats)).await;
         }
         command => command,

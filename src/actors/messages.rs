@@ -57,6 +57,15 @@ pub enum RouterMsg {
     /// From the app, when the drain ran out of time: how many entities
     /// have not handed their final snapshot to the writer.
     Remaining(RpcReplyPort<usize>),
+    /// From the cluster's coordinator: these partitions are no longer this
+    /// node's (already revoked, so nothing new starts for them). Stop their
+    /// actors (snapshotting new events when `snapshot`: a handover), reply
+    /// once all have stopped.
+    Release {
+        partitions: Vec<u32>,
+        snapshot: bool,
+        reply: RpcReplyPort<()>,
+    },
 }
 
 /// The answer to a `snapshot` command.
@@ -125,4 +134,8 @@ pub enum WriterMsg {
     /// From the app at shutdown: commit everything, retrying until the
     /// deadline; reply with the number of snapshots that could not be.
     Drain(Instant, RpcReplyPort<usize>),
+    /// From the cluster's coordinator: drop the pending snapshots of these
+    /// partitions (their leases are gone or being freed; the database
+    /// would refuse them).
+    Forget(Vec<u32>),
 }

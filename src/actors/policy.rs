@@ -44,7 +44,7 @@ use super::timers::TimerKey;
 use crate::error::chain;
 use crate::model::event::Event;
 use crate::model::ledger::{Ledger, Receipt};
-use crate::model::{EntityKey, PreparedSnapshot};
+use crate::model::{EntityKey, Fence, PreparedSnapshot};
 use crate::reducer::Reducer;
 use crate::stats::Stats;
 use crate::store::{EventsTableWatch, Store, StoreError};
@@ -99,6 +99,9 @@ pub struct PolicyArgs {
     pub writer_permits: Arc<Semaphore>,
     pub router: ActorRef<RouterMsg>,
     pub stats: Arc<Stats>,
+    /// In a cluster: the lease of the entity's partition this actor was
+    /// started under; its snapshots carry it so the writer can fence them.
+    pub fence: Option<Fence>,
 }
 
 pub struct Policy;
@@ -599,6 +602,7 @@ impl PolicyState {
     async fn send(&mut self, mut snapshot: PreparedSnapshot) -> Option<(i32, i64)> {
         let taken = (snapshot.version, snapshot.sequence);
         snapshot.first_row = std::mem::take(&mut self.no_row_yet);
+        snapshot.fence = self.args.fence;
         // Waits while the writer holds its maximum: backpressure.
         let permit = self
             .args

@@ -10,6 +10,7 @@
 
 use super::messages::{PolicyMsg, RouterMsg, SnapshotOutcome, WriterMsg};
 use super::policy::{Policy, PolicyArgs, PolicyConfig};
+use crate::cluster::ownership::Ownership;
 use crate::model::EntityKey;
 use crate::stats::Stats;
 use crate::store::Store;
@@ -29,6 +30,9 @@ pub struct RouterArgs {
     pub stats: Arc<Stats>,
     /// Most policy actors running at once (`policy.max_active_entities`).
     pub max_active: usize,
+    /// In a cluster: the partitions this node owns. Events of others are
+    /// counted and dropped, and no actor starts for their workflows.
+    pub ownership: Option<Arc<Ownership>>,
 }
 
 pub struct Router;
@@ -58,6 +62,8 @@ pub struct RouterState {
     /// Entities each connection sent events to since its last flush.
     touched: HashMap<u64, HashSet<EntityKey>>,
     draining: Option<RpcReplyPort<()>>,
+    /// Partitions being released: the entities still to stop, and who waits.
+    releasing: Vec<(HashSet<EntityKey>, RpcReplyPort<()>)>,
 }
 
 impl Actor for Router {
@@ -78,6 +84,7 @@ impl Actor for Router {
             next_use: 0,
             touched: HashMap::new(),
             draining: None,
+            releasing: Vec::new(),
         })
     }
 
@@ -93,6 +100,13 @@ impl Actor for Router {
                 event,
                 permit,
             } => {
+                if let Some(ownership) = &state.args.ownership
+                    && ownership.fence_for(&event.workflow_id).is_none()
+                {
+                    // Its owner reads it from the events table.
+                    state.args.stats.events_not_owned.inc();
+                    return Ok(());
+                }
                 let key = state.args.config.reducer.key_of(&event);
                 if let Some(keys) = state.touched.get_mut(&connection) {
                     if !keys.contains(&key) {
@@ -191,6 +205,11 @@ impl Actor for Router {
                 }
             }
             RouterMsg::Resync(key) => state.deliver(&myself, key, PolicyMsg::Resync).await,
+            RouterMsg::Release {
+                partitions,
+                snapshot,
+                reply,
+            } => state.release(&partitions, snapshot, reply),
             RouterMsg::Drain { snapshot, reply } => {
                 let running: Vec<EntityKey> = state.recency.values().cloned().collect();
                 for key in running {
@@ -302,6 +321,17 @@ impl RouterState {
         myself: &ActorRef<RouterMsg>,
         key: EntityKey,
     ) -> Option<ActorRef<PolicyMsg>> {
+        // In a cluster: only workflows of a partition held, under its lease.
+        let fence = match &self.args.ownership {
+            Some(ownership) => match ownership.fence_for(&key.entity_id) {
+                Some(fence) => Some(fence),
+                None => {
+                    tracing::debug!(entity = %key, "Not started: its partition is another node's.");
+                    return None;
+                }
+            },
+            None => None,
+        };
         // Make room: the least recently used passivates, snapshotting first.
         while self.recency.len() >= self.args.max_active.max(1) {
             let Some((_, oldest)) = self.recency.pop_first() else {
@@ -320,6 +350,7 @@ impl RouterState {
             writer_permits: self.args.writer_permits.clone(),
             router: myself.clone(),
             stats: self.args.stats.clone(),
+            fence,
         };
         match Actor::spawn_linked(None, Policy, args, myself.get_cell()).await {
             Ok((actor, _)) => {
@@ -406,6 +437,13 @@ impl RouterState {
             if !stash.is_empty() {
                 if self.draining.is_some() {
                     tracing::warn!(entity = %key, messages = stash.len(), "Messages for an entity arrived during shutdown; dropped.");
+                } else if self
+                    .args
+                    .ownership
+                    .as_ref()
+                    .is_some_and(|own| own.fence_for(&key.entity_id).is_none())
+                {
+                    tracing::debug!(entity = %key, messages = stash.len(), "Messages for an entity of a partition handed over; its new owner reads the table.");
                 } else if let Some(actor) = self.spawn(myself, key).await {
                     for msg in stash {
                         let _ = actor.cast(msg);
@@ -413,7 +451,49 @@ impl RouterState {
                 }
             }
         }
+        self.finish_releases();
         self.finish_drain_if_done();
+    }
+
+    /// Stop every actor of `partitions` (they were revoked: none restarts);
+    /// reply once all have stopped.
+    fn release(&mut self, partitions: &[u32], snapshot: bool, reply: RpcReplyPort<()>) {
+        let Some(ownership) = self.args.ownership.clone() else {
+            let _ = reply.send(());
+            return;
+        };
+        let count = ownership.partitions();
+        let keys: HashSet<EntityKey> = self
+            .entities
+            .keys()
+            .filter(|key| {
+                partitions.contains(&crate::cluster::partition::partition_of(
+                    &key.entity_id,
+                    count,
+                ))
+            })
+            .cloned()
+            .collect();
+        for key in &keys {
+            self.passivate(key.clone(), snapshot);
+        }
+        self.releasing.push((keys, reply));
+        self.finish_releases();
+    }
+
+    fn finish_releases(&mut self) {
+        let entities = &self.entities;
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.releasing)
+            .into_iter()
+            .map(|(mut keys, reply)| {
+                keys.retain(|key| entities.contains_key(key));
+                (keys, reply)
+            })
+            .partition(|(keys, _)| keys.is_empty());
+        self.releasing = waiting;
+        for (_, reply) in done {
+            let _ = reply.send(());
+        }
     }
 
     fn finish_drain_if_done(&mut self) {

@@ -8,7 +8,7 @@ use super::messages::{RouterMsg, WriterMsg};
 use crate::error::chain;
 use crate::model::{EntityKey, PreparedSnapshot};
 use crate::stats::Stats;
-use crate::store::{EventsTableWatch, Store};
+use crate::store::{EventsTableWatch, Store, WriteFence};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -26,6 +26,8 @@ pub struct WriterArgs {
     pub retry_max: Duration,
     pub keep_snapshots: u32,
     pub stats: Arc<Stats>,
+    /// In a cluster: writes are fenced by the partition leases.
+    pub fence: Option<WriteFence>,
 }
 
 pub struct Writer;
@@ -158,6 +160,7 @@ impl Actor for Writer {
                 state.commit(&myself).await;
             }
             WriterMsg::ShutdownBegins => state.shutting_down = true,
+            WriterMsg::Forget(partitions) => state.forget(&partitions),
             WriterMsg::Drain(deadline, reply) => {
                 state.draining = Some((deadline, reply));
                 state.shutting_down = true;
@@ -211,7 +214,7 @@ impl WriterState {
             keys.iter().map(|k| &*self.pending[k].snapshot).collect();
         // An entity's first row leaves nothing to prune (the many short
         // workflows stabilize runs are mostly that).
-        let to_prune: Vec<EntityKey> = snapshots
+        let mut to_prune: Vec<EntityKey> = snapshots
             .iter()
             .filter(|s| !s.first_row)
             .map(|s| s.key.clone())
@@ -219,7 +222,9 @@ impl WriterState {
         let store = &self.args.store;
         let covered = self.args.events_table.check().await;
         let started = std::time::Instant::now();
-        let result = store.save_prepared(&snapshots, covered).await;
+        let result = store
+            .save_fenced(&snapshots, covered, self.args.fence.as_ref())
+            .await;
         tracing::debug!(batch = snapshots.len(), versions = ?snapshots.iter().map(|s| s.version).collect::<Vec<_>>(), ok = result.is_ok(), "Batch committed.");
         let stats = &self.args.stats;
         match result {
@@ -236,6 +241,14 @@ impl WriterState {
                 for rejected in &outcome.rejected {
                     stats.snapshots_rejected.inc();
                     tracing::error!(entity = %rejected.key, version = rejected.version, error = %rejected.reason, "Snapshot refused by the store; it is not written.");
+                }
+                if !outcome.fenced.is_empty() {
+                    stats.snapshots_fenced.inc_by(outcome.fenced.len() as u64);
+                    tracing::warn!(
+                        snapshots = outcome.fenced.len(),
+                        "Snapshots not written: their partitions' leases are no longer this node's."
+                    );
+                    to_prune.retain(|key| !outcome.fenced.contains(key));
                 }
                 for uncovered in &outcome.mismatched {
                     stats.snapshots_uncovered.inc();
@@ -286,6 +299,33 @@ impl WriterState {
                 self.schedule(myself, self.backoff);
             }
         }
+        self.finish_drain_if_done();
+    }
+
+    /// Drop what is pending for `partitions` (no longer this node's).
+    fn forget(&mut self, partitions: &[u32]) {
+        let before = self.pending.len();
+        let order = &mut self.order;
+        self.pending.retain(|_, pending| {
+            let keep = pending
+                .snapshot
+                .fence
+                .is_none_or(|fence| !partitions.contains(&fence.partition));
+            if !keep {
+                order.remove(&pending.ticket);
+            }
+            keep
+        });
+        let dropped = before - self.pending.len();
+        if dropped > 0 {
+            self.args.stats.snapshots_fenced.inc_by(dropped as u64);
+            tracing::info!(
+                snapshots = dropped,
+                "Pending snapshots of partitions no longer this node's dropped; their new owner rebuilds them."
+            );
+        }
+        self.publish_depth();
+        self.answer_waiters();
         self.finish_drain_if_done();
     }
 

@@ -39,17 +39,26 @@
 //!   and records the highest sequence then as its origin: history from
 //!   before the daemon is `snapshotd backfill`'s job, not the feed's. A
 //!   table that appears while the daemon runs is followed from its start.
+//! * **In a cluster** (`crate::cluster`) each node reads only the partitions
+//!   it owns, from where the table ended when it started; the saved cursor
+//!   row keeps only the cluster's origin. When the node takes a partition,
+//!   the partition's workflows with events beyond their latest snapshot are
+//!   woken (catch-up, as at a start): everything of it before the cursor is
+//!   committed and reaches their hydration, everything after is read.
+//!   Nothing is lost when a node dies: catch-up asks the table, not the
+//!   dead node.
 //! * **Waiting for it.** `{"op":"sync"}` on the socket returns once the
 //!   cursor has passed every event committed before the command (on
 //!   `commit_xid`: every transaction that had started has finished and been
 //!   read) and those events are folded and their snapshots committed.
 
 use crate::actors::messages::RouterMsg;
+use crate::cluster::ownership::Ownership;
 use crate::model::event::Event;
 use crate::reducer::Reducer;
 use crate::settings::FeedSettings;
 use crate::stats::Stats;
-use crate::store::{EventsTableWatch, FeedCursor, FeedOrder, Store, StoreError};
+use crate::store::{EventsTableWatch, FeedCursor, FeedOrder, Partitions, Store, StoreError};
 use ractor::ActorRef;
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,6 +113,8 @@ pub struct TableFeed {
     pub events_table: Arc<EventsTableWatch>,
     pub settings: FeedSettings,
     pub reducer: Reducer,
+    /// In a cluster: read only the partitions this node owns.
+    pub ownership: Option<Arc<Ownership>>,
 }
 
 /// Why the feed's loop stopped early.
@@ -171,6 +182,9 @@ impl TableFeed {
 
     async fn open(&self, appeared: bool) -> Result<Follower, StoreError> {
         let order = self.store.feed_order().await?;
+        if let Some(ownership) = &self.ownership {
+            return self.open_in_cluster(order, ownership, appeared).await;
+        }
         let (cursor, origin) = match self.store.load_feed_cursor(CURSOR_NAME).await? {
             Some(saved) => saved,
             None if appeared => {
@@ -215,7 +229,109 @@ impl TableFeed {
             saved: cursor,
             last_save: tokio::time::Instant::now(),
             waiting: Vec::new(),
+            only: None,
+            changes: None,
         })
+    }
+
+    /// In a cluster: the origin is the cluster's (saved once, by the first
+    /// node); the cursor starts where the table ends now and is not saved:
+    /// what came before is caught up per partition as partitions are taken.
+    async fn open_in_cluster(
+        &self,
+        order: FeedOrder,
+        ownership: &Ownership,
+        appeared: bool,
+    ) -> Result<Follower, StoreError> {
+        let end = self.store.feed_end(order).await?;
+        let origin = match self.store.load_feed_cursor(CURSOR_NAME).await? {
+            Some((_, origin)) => origin,
+            None => {
+                // As for one daemon: a table that appeared while we ran
+                // holds nothing from before us.
+                let origin = if appeared {
+                    0
+                } else {
+                    self.store.max_event_sequence().await?
+                };
+                self.store
+                    .save_feed_cursor(CURSOR_NAME, end, origin)
+                    .await?;
+                origin
+            }
+        };
+        // Taken again: a concurrent first node may have saved it first.
+        let origin = self
+            .store
+            .load_feed_cursor(CURSOR_NAME)
+            .await?
+            .map_or(origin, |(_, o)| o);
+        tracing::info!(order = ?order, cursor = ?end, origin_sequence = origin,
+            "Following stabilize's events table for this node's partitions.");
+        let mut changes = ownership.subscribe();
+        // Partitions taken before the table could be read are caught up first.
+        changes.mark_changed();
+        Ok(Follower {
+            order,
+            cursor: end,
+            origin,
+            high_sequence: origin.max(end.sequence),
+            saved: end,
+            last_save: tokio::time::Instant::now(),
+            waiting: Vec::new(),
+            only: Some(Partitions {
+                owned: Vec::new(),
+                count: ownership.partitions(),
+            }),
+            changes: Some(changes),
+        })
+    }
+
+    /// Partitions just taken: wake their workflows with events beyond their
+    /// latest snapshot, then read their events from the cursor on.
+    async fn take_partitions(&self, follower: &mut Follower) -> Result<(), StoreError> {
+        let (Some(ownership), Some(only)) = (&self.ownership, &follower.only) else {
+            return Ok(());
+        };
+        let owned: Vec<i64> = ownership
+            .held()
+            .iter()
+            .map(|f| i64::from(f.partition))
+            .collect();
+        let taken: Vec<i64> = owned
+            .iter()
+            .copied()
+            .filter(|p| !only.owned.contains(p))
+            .collect();
+        if !taken.is_empty() {
+            let uncovered = self
+                .store
+                .uncovered_in(
+                    follower.origin,
+                    true,
+                    Some(&Partitions {
+                        owned: taken.clone(),
+                        count: only.count,
+                    }),
+                )
+                .await?;
+            tracing::info!(
+                partitions = ?taken,
+                entities = uncovered.len(),
+                "Catching up taken partitions: workflows with events beyond their latest snapshot."
+            );
+            for key in uncovered {
+                let _ = self.router.cast(RouterMsg::Wake {
+                    connection: FEED_CONNECTION,
+                    key,
+                });
+            }
+        }
+        follower.only = Some(Partitions {
+            owned,
+            count: only.count,
+        });
+        Ok(())
     }
 
     fn failed(&self, error: &StoreError) {
@@ -257,6 +373,10 @@ struct Follower {
     last_save: tokio::time::Instant,
     /// Syncs waiting for the cursor to reach their target.
     waiting: Vec<(FeedCursor, SyncReply)>,
+    /// In a cluster: the partitions read (those owned when last looked).
+    only: Option<Partitions>,
+    /// In a cluster: told when ownership changes.
+    changes: Option<watch::Receiver<u64>>,
 }
 
 impl Follower {
@@ -272,6 +392,24 @@ impl Follower {
             if *shutdown.borrow() {
                 return Err(Stopped::Shutdown);
             }
+            if self
+                .changes
+                .as_mut()
+                .is_some_and(|c| c.has_changed().unwrap_or(false))
+            {
+                if let Some(changes) = self.changes.as_mut() {
+                    changes.mark_unchanged();
+                }
+                if let Err(error) = feed.take_partitions(self).await {
+                    feed.failed(&error);
+                    // Looked at again after the pause (catch-up is idempotent).
+                    if let Some(changes) = self.changes.as_mut() {
+                        changes.mark_changed();
+                    }
+                    arrived = feed.sleep(feed.max_pause(), requests, shutdown).await?;
+                    continue;
+                }
+            }
             while let Some(reply) = arrived.take().or_else(|| requests.try_recv().ok()) {
                 match feed.store.feed_sync_target(self.order).await {
                     Ok(target) => self.waiting.push((target, reply)),
@@ -282,7 +420,12 @@ impl Follower {
             }
             let page = match feed
                 .store
-                .feed_page(self.order, self.cursor, feed.settings.batch_size as i64)
+                .feed_page(
+                    self.order,
+                    self.cursor,
+                    feed.settings.batch_size as i64,
+                    self.only.as_ref(),
+                )
                 .await
             {
                 Ok(page) => page,
@@ -383,7 +526,8 @@ impl Follower {
     }
 
     async fn save(&mut self, feed: &TableFeed) {
-        if self.saved == self.cursor {
+        // In a cluster the cursor is this node's alone: not saved.
+        if self.saved == self.cursor || self.only.is_some() {
             return;
         }
         match feed

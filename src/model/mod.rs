@@ -7,6 +7,6 @@ pub mod ledger;
 mod snapshot;
 
 pub use snapshot::{
-    EntityKey, EntityType, IdError, MAX_ID_CHARS, PreparedSnapshot, Snapshot, UnknownEntityType,
-    check_id,
+    EntityKey, EntityType, Fence, IdError, MAX_ID_CHARS, PreparedSnapshot, Snapshot,
+    UnknownEntityType, check_id,
 };

@@ -174,6 +174,18 @@ pub struct PreparedSnapshot {
     /// No row of this entity was stored or pending before this one, so
     /// writing it leaves nothing to prune.
     pub first_row: bool,
+    /// In a cluster: the lease its entity was folded under. The writer
+    /// commits it only while that lease is still this node's.
+    pub fence: Option<Fence>,
+}
+
+/// A partition lease held at an epoch (`crate::cluster`): a snapshot
+/// carrying it may be written only while the lease table still gives the
+/// partition to this node at this epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fence {
+    pub partition: u32,
+    pub epoch: i64,
 }
 
 impl PreparedSnapshot {
@@ -199,6 +211,7 @@ impl PreparedSnapshot {
             created_at: Utc::now(),
             canonical_bytes: canonical.len(),
             first_row: false,
+            fence: None,
         })
     }
 

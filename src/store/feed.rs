@@ -30,6 +30,26 @@ pub struct FeedCursor {
     pub sequence: i64,
 }
 
+/// In a cluster: only the events of these partitions (of `count`), by
+/// [`crate::cluster::partition`] of their `workflow_id`. PostgreSQL only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partitions {
+    pub owned: Vec<i64>,
+    pub count: u32,
+}
+
+/// ` AND <partition of workflow_id> = ANY($n)`; with no filter, `$n` is
+/// bound to NULL and the condition is always true (one statement shape).
+fn partition_filter(only: Option<&Partitions>, n: usize) -> String {
+    match only {
+        Some(p) => format!(
+            " AND {} = ANY(${n}::int8[])",
+            crate::cluster::partition::sql("workflow_id", &p.count.to_string())
+        ),
+        None => format!(" AND ${n}::int8[] IS NULL"),
+    }
+}
+
 /// One page of the feed.
 pub struct FeedPage {
     pub events: Vec<Event>,
@@ -219,23 +239,26 @@ impl Store {
         order: FeedOrder,
         cursor: FeedCursor,
         limit: i64,
+        only: Option<&Partitions>,
     ) -> Result<FeedPage, StoreError> {
         let op = StoreError::query("read the events table");
         let numbers = self.number_form();
+        let columns = pg_event_columns!();
         let (rows, next_if_short): (Vec<(i64, EventRow)>, FeedCursor) = match (self, order) {
             (Store::Postgres(s), FeedOrder::CommitXid) if cursor.xid == 0 => {
                 // Rows from before `commit_xid` existed (NULL), by sequence.
-                let rows = sqlx::query(concat!(
-                    "SELECT ",
-                    pg_event_columns!(),
-                    " FROM events WHERE commit_xid IS NULL AND sequence > $1 \
-                     ORDER BY sequence LIMIT $2"
-                ))
-                .bind(cursor.sequence)
-                .bind(limit)
-                .fetch_all(s.pool())
-                .await
-                .map_err(op)?;
+                let sql = format!(
+                    "SELECT {columns} FROM events WHERE commit_xid IS NULL AND sequence > $1{} \
+                     ORDER BY sequence LIMIT $2",
+                    partition_filter(only, 3)
+                );
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(cursor.sequence)
+                    .bind(limit)
+                    .bind(only.map(|p| p.owned.clone()))
+                    .fetch_all(s.pool())
+                    .await
+                    .map_err(op)?;
                 let rows = by_sequence(&rows, EventRow::from_pg)?;
                 // Then the first real transaction id.
                 (
@@ -248,19 +271,21 @@ impl Store {
             }
             (Store::Postgres(s), FeedOrder::CommitXid) => {
                 let frontier = self.feed_end(order).await?;
-                let rows = sqlx::query(concat!(
-                    "SELECT commit_xid::text AS xid, ",
-                    pg_event_columns!(),
-                    " FROM events WHERE (commit_xid, sequence) > ($1::text::xid8, $2) \
-                     AND commit_xid < $3::text::xid8 ORDER BY commit_xid, sequence LIMIT $4"
-                ))
-                .bind(cursor.xid.to_string())
-                .bind(cursor.sequence)
-                .bind(frontier.xid.to_string())
-                .bind(limit)
-                .fetch_all(s.pool())
-                .await
-                .map_err(op)?;
+                let sql = format!(
+                    "SELECT commit_xid::text AS xid, {columns} FROM events \
+                     WHERE (commit_xid, sequence) > ($1::text::xid8, $2) \
+                     AND commit_xid < $3::text::xid8{} ORDER BY commit_xid, sequence LIMIT $4",
+                    partition_filter(only, 5)
+                );
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(cursor.xid.to_string())
+                    .bind(cursor.sequence)
+                    .bind(frontier.xid.to_string())
+                    .bind(limit)
+                    .bind(only.map(|p| p.owned.clone()))
+                    .fetch_all(s.pool())
+                    .await
+                    .map_err(op)?;
                 let mut out = Vec::with_capacity(rows.len());
                 for r in &rows {
                     let xid: String = r
@@ -273,16 +298,17 @@ impl Store {
                 (out, frontier)
             }
             (Store::Postgres(s), FeedOrder::Sequence) => {
-                let rows = sqlx::query(concat!(
-                    "SELECT ",
-                    pg_event_columns!(),
-                    " FROM events WHERE sequence > $1 ORDER BY sequence LIMIT $2"
-                ))
-                .bind(cursor.sequence)
-                .bind(limit)
-                .fetch_all(s.pool())
-                .await
-                .map_err(op)?;
+                let sql = format!(
+                    "SELECT {columns} FROM events WHERE sequence > $1{} ORDER BY sequence LIMIT $2",
+                    partition_filter(only, 3)
+                );
+                let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(cursor.sequence)
+                    .bind(limit)
+                    .bind(only.map(|p| p.owned.clone()))
+                    .fetch_all(s.pool())
+                    .await
+                    .map_err(op)?;
                 let rows = by_sequence(&rows, EventRow::from_pg)?;
                 (rows, cursor)
             }
@@ -331,13 +357,29 @@ impl Store {
         after_sequence: i64,
         by_workflow: bool,
     ) -> Result<Vec<EntityKey>, StoreError> {
+        self.uncovered_in(after_sequence, by_workflow, None).await
+    }
+
+    /// [`Store::uncovered_entities`] among the workflows of some partitions
+    /// (a cluster node that just took them; PostgreSQL, whole workflows).
+    pub async fn uncovered_in(
+        &self,
+        after_sequence: i64,
+        by_workflow: bool,
+        only: Option<&Partitions>,
+    ) -> Result<Vec<EntityKey>, StoreError> {
         let op = StoreError::query("find entities with events beyond their snapshot");
+        let in_partitions;
         let sql = match (self, by_workflow) {
             (Store::Postgres(_), true) => {
-                "SELECT 'workflow' AS entity_type, e.workflow_id::text AS entity_id FROM events e \
-                 WHERE e.sequence > $1 GROUP BY e.workflow_id HAVING max(e.sequence) > coalesce(\
-                 (SELECT max(s.sequence) FROM snapshots s WHERE s.entity_type = 'workflow' \
-                 AND s.entity_id = e.workflow_id), 0)"
+                in_partitions = format!(
+                    "SELECT 'workflow' AS entity_type, e.workflow_id::text AS entity_id FROM events e \
+                     WHERE e.sequence > $1{} GROUP BY e.workflow_id HAVING max(e.sequence) > coalesce(\
+                     (SELECT max(s.sequence) FROM snapshots s WHERE s.entity_type = 'workflow' \
+                     AND s.entity_id = e.workflow_id), 0)",
+                    partition_filter(only, 2)
+                );
+                in_partitions.as_str()
             }
             (Store::Postgres(_), false) => {
                 "SELECT e.entity_type::text AS entity_type, e.entity_id::text AS entity_id \
@@ -358,13 +400,19 @@ impl Store {
                  WHERE s.entity_type = e.entity_type AND s.entity_id = e.entity_id), 0)"
             }
         };
-        let pairs: Vec<(String, String)> = match self {
-            Store::Postgres(s) => sqlx::query_as(sql)
+        let pairs: Vec<(String, String)> = match (self, by_workflow) {
+            (Store::Postgres(s), true) => sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(after_sequence)
+                .bind(only.map(|p| p.owned.clone()))
+                .fetch_all(s.pool())
+                .await
+                .map_err(op)?,
+            (Store::Postgres(s), false) => sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(after_sequence)
                 .fetch_all(s.pool())
                 .await
                 .map_err(op)?,
-            Store::Sqlite(s) => sqlx::query_as(sql)
+            (Store::Sqlite(s), _) => sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(after_sequence)
                 .fetch_all(s.pool())
                 .await

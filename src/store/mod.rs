@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use events::EventsTableWatch;
-pub use feed::{FeedCursor, FeedOrder, FeedPage};
+pub use feed::{FeedCursor, FeedOrder, FeedPage, Partitions};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -69,7 +69,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    fn query(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    pub(crate) fn query(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
         move |source| StoreError::Query { op, source }
     }
 
@@ -100,6 +100,24 @@ pub struct BatchOutcome {
     /// Rows not written because the events table disagrees with their
     /// version (see [`Store::save_prepared`]).
     pub mismatched: Vec<Uncovered>,
+    /// Rows not written because their partition's lease is no longer this
+    /// node's at their epoch (a cluster: [`WriteFence`]).
+    pub fenced: Vec<EntityKey>,
+}
+
+/// Who writes, in a cluster: a row carrying a [`crate::model::Fence`] is
+/// written only if, inside the writing transaction, the lease table still
+/// gives its partition to `node_id` at its epoch (the lease rows are locked
+/// `FOR SHARE` until the commit, so a takeover waits or comes first).
+#[derive(Clone, Debug)]
+pub struct WriteFence {
+    pub node_id: String,
+    /// Record every row written (node, partition, epoch) in
+    /// `snapshotd_cluster_writes`, in the same transaction.
+    pub write_log: bool,
+    /// Longest the writing transaction may sit idle (a frozen node must
+    /// not hold its lease rows locked).
+    pub idle_timeout: std::time::Duration,
 }
 
 /// A snapshot whose version is not the number of its workflow's events up
@@ -205,6 +223,17 @@ impl Store {
         batch: &[&PreparedSnapshot],
         covered: bool,
     ) -> Result<BatchOutcome, StoreError> {
+        self.save_fenced(batch, covered, None).await
+    }
+
+    /// [`Store::save_prepared`], fenced in a cluster (PostgreSQL only;
+    /// `fence` is ignored on SQLite, which a cluster never uses).
+    pub async fn save_fenced(
+        &self,
+        batch: &[&PreparedSnapshot],
+        covered: bool,
+        fence: Option<&WriteFence>,
+    ) -> Result<BatchOutcome, StoreError> {
         let (mut rows, rejected) = prepare_batch(batch);
         let mut mismatched = Vec::new();
         if covered && !rows.is_empty() {
@@ -229,7 +258,7 @@ impl Store {
             BatchOutcome::default()
         } else {
             match self {
-                Store::Postgres(s) => s.save_rows(&rows).await?,
+                Store::Postgres(s) => s.save_rows(&rows, fence).await?,
                 Store::Sqlite(s) => s.save_rows(&rows).await?,
             }
         };

@@ -1,7 +1,7 @@
 //! The Postgres backend: one `UNNEST` upsert per batch.
 
 use super::schema::{POSTGRES_SNAPSHOTS, missing_columns};
-use super::{BatchOutcome, Rejected, StoreError, StoredRow, redact};
+use super::{BatchOutcome, Rejected, StoreError, StoredRow, WriteFence, redact};
 use crate::model::{EntityKey, PreparedSnapshot};
 use futures_util::TryStreamExt;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
@@ -146,23 +146,27 @@ impl PgStore {
 
     pub(super) async fn save_rows(
         &self,
-        rows: &[&PreparedSnapshot],
+        all: &[&PreparedSnapshot],
+        fence: Option<&WriteFence>,
     ) -> Result<BatchOutcome, StoreError> {
         let mut tx = self.begin().await?;
-        match upsert(&mut tx, rows).await {
+        let (rows, fenced) = fence_rows(&mut tx, all, fence).await?;
+        match upsert(&mut tx, &rows).await {
             Ok(written) => {
+                log_writes(&mut tx, &rows, fence).await?;
                 tx.commit()
                     .await
                     .map_err(StoreError::query("commit a snapshot batch"))?;
                 Ok(BatchOutcome {
                     written,
                     skipped: rows.len() as u64 - written,
+                    fenced,
                     ..BatchOutcome::default()
                 })
             }
             Err(error) if is_row_error(&error) => {
                 drop(tx);
-                self.save_rows_one_by_one(rows).await
+                self.save_rows_one_by_one(all, fence).await
             }
             Err(source) => Err(StoreError::Query {
                 op: "upsert a snapshot batch",
@@ -175,15 +179,22 @@ impl PgStore {
     /// under a savepoint, so the bad row is named and the others still land.
     async fn save_rows_one_by_one(
         &self,
-        rows: &[&PreparedSnapshot],
+        all: &[&PreparedSnapshot],
+        fence: Option<&WriteFence>,
     ) -> Result<BatchOutcome, StoreError> {
         let mut tx = self.begin().await?;
-        let mut outcome = BatchOutcome::default();
-        for row in rows {
+        let (rows, fenced) = fence_rows(&mut tx, all, fence).await?;
+        let mut outcome = BatchOutcome {
+            fenced,
+            ..BatchOutcome::default()
+        };
+        let mut landed = Vec::with_capacity(rows.len());
+        for row in &rows {
             savepoint(&mut tx, "SAVEPOINT snapshot_row").await?;
             match upsert(&mut tx, std::slice::from_ref(row)).await {
                 Ok(written) => {
                     savepoint(&mut tx, "RELEASE SAVEPOINT snapshot_row").await?;
+                    landed.push(*row);
                     outcome.written += written;
                     outcome.skipped += 1 - written;
                 }
@@ -203,6 +214,7 @@ impl PgStore {
                 }
             }
         }
+        log_writes(&mut tx, &landed, fence).await?;
         tx.commit()
             .await
             .map_err(StoreError::query("commit a snapshot batch"))?;
@@ -310,6 +322,87 @@ impl PgStore {
     pub(super) async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// In a cluster, inside the writing transaction: lock the lease rows of
+/// the batch's partitions (`FOR SHARE`, in partition order) and keep only
+/// the rows whose lease is still this node's at their epoch. The others
+/// are returned as fenced. Without a fence, every row is kept.
+async fn fence_rows<'a>(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &[&'a PreparedSnapshot],
+    fence: Option<&WriteFence>,
+) -> Result<(Vec<&'a PreparedSnapshot>, Vec<EntityKey>), StoreError> {
+    let Some(fence) = fence else {
+        return Ok((rows.to_vec(), Vec::new()));
+    };
+    let op = StoreError::query("check the partition leases");
+    // A node frozen inside this transaction must not keep the rows locked.
+    sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, true)")
+        .bind(format!("{}ms", fence.idle_timeout.as_millis().max(1)))
+        .execute(&mut **tx)
+        .await
+        .map_err(op)?;
+    let mut partitions: Vec<i32> = rows
+        .iter()
+        .filter_map(|r| r.fence.map(|f| f.partition as i32))
+        .collect();
+    partitions.sort_unstable();
+    partitions.dedup();
+    let held: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, epoch FROM snapshotd_partitions \
+         WHERE partition = ANY($1) AND owner = $2 ORDER BY partition FOR SHARE",
+    )
+    .bind(&partitions)
+    .bind(&fence.node_id)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(StoreError::query("check the partition leases"))?;
+    let held: std::collections::HashMap<u32, i64> =
+        held.into_iter().map(|(p, e)| (p as u32, e)).collect();
+    let (kept, fenced): (Vec<_>, Vec<_>) = rows.iter().partition(|row| match row.fence {
+        Some(f) => held.get(&f.partition) == Some(&f.epoch),
+        None => true,
+    });
+    Ok((kept, fenced.into_iter().map(|r| r.key.clone()).collect()))
+}
+
+/// With `cluster.write_log`: one row per snapshot written, in the
+/// transaction that writes it.
+async fn log_writes(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &[&PreparedSnapshot],
+    fence: Option<&WriteFence>,
+) -> Result<(), StoreError> {
+    let Some(fence) = fence.filter(|f| f.write_log) else {
+        return Ok(());
+    };
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let partitions: Vec<i32> = rows
+        .iter()
+        .map(|r| r.fence.map_or(-1, |f| f.partition as i32))
+        .collect();
+    let epochs: Vec<i64> = rows
+        .iter()
+        .map(|r| r.fence.map_or(-1, |f| f.epoch))
+        .collect();
+    let ids: Vec<&str> = rows.iter().map(|r| &*r.key.entity_id).collect();
+    let versions: Vec<i32> = rows.iter().map(|r| r.version).collect();
+    sqlx::query(
+        "INSERT INTO snapshotd_cluster_writes (node_id, partition, epoch, entity_id, version) \
+         SELECT $1, * FROM UNNEST($2::int4[], $3::int8[], $4::text[], $5::int4[])",
+    )
+    .bind(&fence.node_id)
+    .bind(partitions)
+    .bind(epochs)
+    .bind(ids)
+    .bind(versions)
+    .execute(&mut **tx)
+    .await
+    .map(drop)
+    .map_err(StoreError::query("log the cluster's writes"))
 }
 
 async fn savepoint(

@@ -32,3 +32,180 @@ async fn rust_and_postgres_put_every_workflow_in_the_same_partition() {
         assert_eq!(ours, from_server, "with {partitions} partitions");
     }
 }
+
+// ---- Several daemons on one database: real processes, real PostgreSQL,
+// workflows recorded by stabilize itself and read from its events table.
+
+use crate::crosscheck::verify;
+use crate::helpers::{Backend, Daemon, eventually, run_python};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+/// Short failover so the tests run in seconds; every write logged.
+const FAILOVER_SECS: u64 = 3;
+
+fn node_config(node: &str, extra: &str) -> String {
+    format!(
+        "[policy]\nevent_interval = 5\nkeep_snapshots = 0\ntime_interval_secs = 3600\n\
+         [feed]\npoll_interval_ms = 20\nmax_poll_interval_ms = 200\n\
+         [cluster]\nenabled = true\nnode_id = \"{node}\"\nfailover_secs = {FAILOVER_SECS}\n\
+         handover_secs = 5\nwrite_log = true\n{extra}"
+    )
+}
+
+/// A node in its own directory (its own socket).
+fn start_node(root: &std::path::Path, backend: &Backend, node: &str, extra: &str) -> Daemon {
+    let dir = root.join(node);
+    std::fs::create_dir_all(&dir).unwrap();
+    Daemon::start(&dir, &backend.url(), &node_config(node, extra))
+}
+
+fn stats(node: &Daemon) -> serde_json::Value {
+    let reply = node.command(json!({"op": "stats"}));
+    assert_eq!(reply["ok"], true, "{reply}");
+    reply["stats"].clone()
+}
+
+fn owned(node: &Daemon) -> Vec<u64> {
+    stats(node)["cluster"]["owned"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no cluster section in stats:\n{}", node.log()))
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect()
+}
+
+/// Wait until the nodes own all 64 partitions between them, none twice,
+/// each at least `min_each`; returns how long it took.
+fn wait_balanced(nodes: &[&Daemon], min_each: usize, within_secs: u64) -> Duration {
+    let started = Instant::now();
+    eventually(within_secs, "the partitions to be spread", || {
+        let sets: Vec<Vec<u64>> = nodes.iter().map(|n| owned(n)).collect();
+        let mut all: Vec<u64> = sets.iter().flatten().copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        let total: usize = sets.iter().map(Vec::len).sum();
+        (all.len() == 64 && total == 64 && sets.iter().all(|s| s.len() >= min_each)).then_some(())
+    });
+    started.elapsed()
+}
+
+/// stabilize records `workflows` new workflows into its events table.
+fn record(backend: &Backend, dir: &std::path::Path, workflows: u32, seed: u32) {
+    let out = dir.join(format!("batch-{seed}.ndjson"));
+    let mut args = backend.python_args();
+    args.extend([
+        "--workflows".into(),
+        workflows.to_string(),
+        "--seed".into(),
+        seed.to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ]);
+    run_python(
+        "gen_workflows.py",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+}
+
+/// Every workflow's latest snapshot is within `slack` events of its newest
+/// (`policy.event_interval` is 5: 4 while running, 0 after SIGTERM).
+async fn wait_all_covered(backend: &Backend, nodes: &[&Daemon], slack: i64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let coverage = backend.coverage().await;
+        let behind: Vec<_> = coverage.iter().filter(|(_, e, v)| e - v > slack).collect();
+        if !coverage.is_empty() && behind.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} workflows not covered, e.g. {:?}\n{}",
+            behind.len(),
+            behind.iter().take(3).collect::<Vec<_>>(),
+            nodes
+                .iter()
+                .map(|n| n.log())
+                .collect::<Vec<_>>()
+                .join("\n----\n")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// SIGTERM each node in turn (each hands its partitions to the rest; the
+/// last snapshots everything): every exit is clean.
+fn stop_all(nodes: Vec<Daemon>) {
+    for mut node in nodes {
+        let status = node.terminate();
+        assert!(status.success(), "{}", node.log());
+    }
+}
+
+/// The write log shows one writer at a time per partition: no epoch is
+/// written by two nodes, and nothing is written under an epoch after a
+/// newer epoch of the same partition was written.
+async fn assert_one_writer_per_partition(backend: &Backend) -> i64 {
+    let Backend::Postgres(db) = backend else {
+        unreachable!()
+    };
+    let mut conn = db.connect().await;
+    let shared: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT partition, epoch FROM snapshotd_cluster_writes \
+         GROUP BY 1, 2 HAVING count(DISTINCT node_id) > 1) t",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(shared, 0, "an epoch written by two nodes");
+    let stale: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM snapshotd_cluster_writes a JOIN snapshotd_cluster_writes b \
+         ON a.partition = b.partition AND a.epoch < b.epoch AND a.written_at > b.written_at",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(stale, 0, "a write under an older epoch after a newer one");
+    sqlx::query_scalar("SELECT count(*) FROM snapshotd_cluster_writes")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// Three nodes share the work; one is killed mid-stream and its partitions
+/// are taken within the failover time; nothing is missing or wrong.
+#[tokio::test]
+async fn three_nodes_share_the_partitions_and_survive_a_kill_9() {
+    let backend = Backend::postgres().await;
+    let root = tempfile::tempdir().unwrap();
+    let n1 = start_node(root.path(), &backend, "n1", "");
+    let mut n2 = start_node(root.path(), &backend, "n2", "");
+    let n3 = start_node(root.path(), &backend, "n3", "");
+    // Each at least P/N - 2.
+    wait_balanced(&[&n1, &n2, &n3], 64 / 3 - 2, 30);
+    record(&backend, root.path(), 80, 1);
+    let before = owned(&n2);
+    n2.kill();
+    let killed = Instant::now();
+    record(&backend, root.path(), 80, 2);
+    // The survivors own everything, within the failover time (plus what
+    // this test's polling adds).
+    let took = wait_balanced(&[&n1, &n3], 0, FAILOVER_SECS + 10);
+    let failover = killed.elapsed().min(took + Duration::from_millis(100));
+    eprintln!("failover: {} ms after kill -9", failover.as_millis());
+    assert!(
+        failover <= Duration::from_secs(FAILOVER_SECS) + Duration::from_millis(1500),
+        "{} partitions took {failover:?} to be taken (failover_secs = {FAILOVER_SECS})",
+        before.len()
+    );
+    record(&backend, root.path(), 80, 3);
+    wait_all_covered(&backend, &[&n1, &n3], 4).await;
+    let acquired = stats(&n1)["partitions_acquired"].as_u64().unwrap()
+        + stats(&n3)["partitions_acquired"].as_u64().unwrap();
+    assert!(acquired >= 64, "{acquired}");
+    stop_all(vec![n1, n3]);
+    wait_all_covered(&backend, &[], 0).await;
+    let writes = assert_one_writer_per_partition(&backend).await;
+    assert!(writes > 100, "{writes} writes logged");
+    verify(&backend, 240);
+}
