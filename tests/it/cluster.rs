@@ -185,6 +185,7 @@ async fn three_nodes_share_the_partitions_and_survive_a_kill_9() {
     wait_balanced(&[&n1, &n2, &n3], 64 / 3 - 2, 30);
     record(&backend, root.path(), 80, 1);
     let before = owned(&n2);
+    let killed_at = db_now(&backend).await;
     n2.kill();
     let killed = Instant::now();
     record(&backend, root.path(), 80, 2);
@@ -198,6 +199,22 @@ async fn three_nodes_share_the_partitions_and_survive_a_kill_9() {
         "{} partitions took {failover:?} to be taken (failover_secs = {FAILOVER_SECS})",
         before.len()
     );
+    wait_all_covered(&backend, &[&n1, &n3], 4).await;
+    // Kill -9 to the first snapshot of one of its partitions by a survivor
+    // (the events recorded after the kill wait in the table until then).
+    let Backend::Postgres(db) = &backend else {
+        unreachable!()
+    };
+    let first: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM min(written_at) - $1)::float8 FROM snapshotd_cluster_writes \
+         WHERE node_id <> 'n2' AND written_at > $1 AND partition = ANY($2)",
+    )
+    .bind(killed_at)
+    .bind(before.iter().map(|&p| p as i32).collect::<Vec<_>>())
+    .fetch_one(&mut db.connect().await)
+    .await
+    .unwrap();
+    eprintln!("first snapshot of a dead node's partition: {first:.2} s after kill -9");
     record(&backend, root.path(), 80, 3);
     wait_all_covered(&backend, &[&n1, &n3], 4).await;
     let acquired = stats(&n1)["partitions_acquired"].as_u64().unwrap()
@@ -208,4 +225,163 @@ async fn three_nodes_share_the_partitions_and_survive_a_kill_9() {
     let writes = assert_one_writer_per_partition(&backend).await;
     assert!(writes > 100, "{writes} writes logged");
     verify(&backend, 240);
+}
+
+/// The database's clock, which the write log's times come from.
+async fn db_now(backend: &Backend) -> chrono::DateTime<chrono::Utc> {
+    let Backend::Postgres(db) = backend else {
+        unreachable!()
+    };
+    sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut db.connect().await)
+        .await
+        .unwrap()
+}
+
+/// A node frozen (SIGSTOP) with snapshots pending, longer than the failover
+/// time: the others take its partitions and write; woken, it writes nothing
+/// for what it lost, rejoins, and every row is right at the end.
+#[tokio::test]
+async fn a_frozen_node_writes_nothing_for_the_partitions_it_lost() {
+    let backend = Backend::postgres().await;
+    let root = tempfile::tempdir().unwrap();
+    let n1 = start_node(root.path(), &backend, "n1", "");
+    let n2 = start_node(root.path(), &backend, "n2", "");
+    // Its snapshots wait 4 s in the writer: the freeze catches them pending.
+    let n3 = start_node(
+        root.path(),
+        &backend,
+        "n3",
+        "[writer]\nbatch_size = 100000\nbatch_delay_ms = 4000\n",
+    );
+    wait_balanced(&[&n1, &n2, &n3], 64 / 3 - 2, 30);
+    record(&backend, root.path(), 80, 11);
+    eventually(10, "n3 to hold pending snapshots", || {
+        (stats(&n3)["writer_pending"].as_i64().unwrap() > 0).then_some(())
+    });
+    n3.signal("STOP");
+    let frozen = Instant::now();
+    wait_balanced(&[&n1, &n2], 0, FAILOVER_SECS + 10);
+    record(&backend, root.path(), 80, 12);
+    wait_all_covered(&backend, &[&n1, &n2], 4).await;
+    // Frozen longer than the failover time, and longer than its batch delay.
+    while frozen.elapsed() < Duration::from_secs(FAILOVER_SECS + 3) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let woken = db_now(&backend).await;
+    n3.signal("CONT");
+    let after = eventually(20, "n3 to notice its losses", || {
+        let s = stats(&n3);
+        (s["partitions_lost"].as_u64().unwrap() > 0).then_some(s)
+    });
+    let Backend::Postgres(db) = &backend else {
+        unreachable!()
+    };
+    // Nothing n3 wrote after waking was under a lease another node had
+    // taken from it while it was frozen.
+    let stale: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM snapshotd_cluster_writes a WHERE a.node_id = 'n3' \
+         AND a.written_at > $1 AND EXISTS (SELECT 1 FROM snapshotd_cluster_writes b \
+         WHERE b.partition = a.partition AND b.node_id <> 'n3' AND b.epoch > a.epoch \
+         AND b.written_at < $1)",
+    )
+    .bind(woken)
+    .fetch_one(&mut db.connect().await)
+    .await
+    .unwrap();
+    assert_eq!(stale, 0, "n3 wrote under a lease it had lost");
+    // The pending snapshots of the lost partitions were refused.
+    assert!(
+        after["snapshots_fenced"].as_u64().unwrap() > 0,
+        "nothing was fenced: the freeze proved nothing: {after}"
+    );
+    eprintln!(
+        "n3 after waking: lost {} partitions, {} snapshots fenced",
+        after["partitions_lost"], after["snapshots_fenced"]
+    );
+    // It rejoins and gets its share again.
+    wait_balanced(&[&n1, &n2, &n3], 64 / 3 - 2, 30);
+    record(&backend, root.path(), 80, 13);
+    wait_all_covered(&backend, &[&n1, &n2, &n3], 4).await;
+    stop_all(vec![n1, n2, n3]);
+    wait_all_covered(&backend, &[], 0).await;
+    assert_one_writer_per_partition(&backend).await;
+    verify(&backend, 240);
+}
+
+/// A fourth node joins mid-stream and takes its share; then one node stops
+/// gracefully mid-stream and hands its partitions over; nothing is lost.
+#[tokio::test]
+async fn a_node_joins_and_another_leaves_mid_stream_without_a_gap() {
+    let backend = Backend::postgres().await;
+    let root = tempfile::tempdir().unwrap();
+    let n1 = start_node(root.path(), &backend, "n1", "");
+    let mut n2 = start_node(root.path(), &backend, "n2", "");
+    let n3 = start_node(root.path(), &backend, "n3", "");
+    wait_balanced(&[&n1, &n2, &n3], 64 / 3 - 2, 30);
+    record(&backend, root.path(), 60, 21);
+    // Joins while stabilize records.
+    let mut args = backend.python_args();
+    let out = root.path().join("background.ndjson");
+    args.extend(
+        [
+            "--workflows",
+            "300",
+            "--seed",
+            "22",
+            "--out",
+            &out.display().to_string(),
+        ]
+        .map(String::from),
+    );
+    let background = crate::helpers::spawn_python("gen_workflows.py", &args);
+    let n4 = start_node(root.path(), &backend, "n4", "");
+    let joined = wait_balanced(&[&n1, &n2, &n3, &n4], 64 / 4 - 2, 30);
+    eprintln!(
+        "the fourth node had its share {} ms after starting",
+        joined.as_millis()
+    );
+    let done = background.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(stats(&n4)["partitions_acquired"].as_u64().unwrap() >= 14);
+    // Leaves while stabilize records.
+    let mut args = backend.python_args();
+    let out = root.path().join("background2.ndjson");
+    args.extend(
+        [
+            "--workflows",
+            "300",
+            "--seed",
+            "23",
+            "--out",
+            &out.display().to_string(),
+        ]
+        .map(String::from),
+    );
+    let background = crate::helpers::spawn_python("gen_workflows.py", &args);
+    std::thread::sleep(Duration::from_millis(200));
+    let left = Instant::now();
+    let status = n2.terminate();
+    assert!(status.success(), "{}", n2.log());
+    assert!(n2.log().contains("Left the cluster"), "{}", n2.log());
+    wait_balanced(&[&n1, &n3, &n4], 64 / 3 - 2, 30);
+    eprintln!(
+        "n2's partitions were owned again {} ms after SIGTERM",
+        left.elapsed().as_millis()
+    );
+    let done = background.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    wait_all_covered(&backend, &[&n1, &n3, &n4], 4).await;
+    stop_all(vec![n1, n3, n4]);
+    wait_all_covered(&backend, &[], 0).await;
+    assert_one_writer_per_partition(&backend).await;
+    verify(&backend, 700);
 }
