@@ -572,6 +572,36 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_needs_postgres_and_the_table_feed() {
+        let err = Settings::load(&Sources {
+            file: None,
+            overrides: vec![
+                ("cluster.enabled".into(), "true".into()),
+                ("feed.table".into(), "off".into()),
+                ("cluster.failover_secs".into(), "1".into()),
+            ],
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cluster.enabled: needs PostgreSQL"), "{err}");
+        assert!(
+            err.contains("cluster.enabled: needs the table feed"),
+            "{err}"
+        );
+        assert!(err.contains("cluster.failover_secs: 1 is below 3"), "{err}");
+        let ok = Settings::load(&Sources {
+            file: None,
+            overrides: vec![
+                ("cluster.enabled".into(), "true".into()),
+                ("database.url".into(), "postgres://x@y/z".into()),
+            ],
+        })
+        .unwrap();
+        assert_eq!(ok.cluster.partitions, 64);
+        assert_eq!(ok.cluster.failover_secs, 15);
+    }
+
+    #[test]
     fn overrides_win_over_the_file() {
         let s = Settings::load(&Sources {
             file: None,

@@ -447,6 +447,14 @@ async fn command_reply(
                         frame,
                         format!("unknown entity {entity}: no events and no stored snapshot"),
                     ),
+                    (Ok(()), Ok(SnapshotOutcome::NotOwned { partition })) => fail_line(
+                        "snapshot",
+                        frame,
+                        format!(
+                            "{entity} is in cluster partition {partition}, which another node \
+                             owns: send the command to that node (`stats` lists each node's partitions)"
+                        ),
+                    ),
                     _ => fail_line("snapshot", frame, "the daemon is shutting down".into()),
                 };
                 let _ = replies.send(line).await;

@@ -77,6 +77,8 @@ pub enum SnapshotOutcome {
     NothingNew,
     /// No events and no snapshot anywhere: no actor was started for it.
     Unknown,
+    /// In a cluster: the entity's partition is another node's.
+    NotOwned { partition: u32 },
 }
 
 /// Messages to a policy actor.

@@ -159,7 +159,15 @@ impl Actor for Router {
                 });
             }
             RouterMsg::Snapshot { key, reply } => {
-                if state.entities.contains_key(&key) {
+                if let Some(ownership) = &state.args.ownership
+                    && ownership.fence_for(&key.entity_id).is_none()
+                {
+                    let partition = crate::cluster::partition::partition_of(
+                        &key.entity_id,
+                        ownership.partitions(),
+                    );
+                    let _ = reply.send(SnapshotOutcome::NotOwned { partition });
+                } else if state.entities.contains_key(&key) {
                     state.force_snapshot(&myself, key, reply).await;
                 } else {
                     // Looked up off the router: a flood of unknown ids

@@ -131,6 +131,37 @@ fn table(stats: &Value) -> String {
             out.push_str(&format!("  {key:<width$}  {value}\n"));
         }
     }
+    if let Some(cluster) = stats.get("cluster").filter(|c| c.is_object()) {
+        let owned: Vec<String> = cluster["owned"]
+            .as_array()
+            .map(|a| a.iter().map(Value::to_string).collect())
+            .unwrap_or_default();
+        out.push_str("cluster\n");
+        let lines = [
+            (
+                "node_id",
+                cluster["node_id"].as_str().unwrap_or("-").to_string(),
+            ),
+            (
+                "partitions_owned",
+                format!("{} of {}", owned.len(), cluster["partitions"]),
+            ),
+            ("owned", owned.join(",")),
+        ];
+        for (key, value) in lines {
+            out.push_str(&format!("  {key:<width$}  {value}\n"));
+        }
+        for key in [
+            "partitions_acquired",
+            "partitions_released",
+            "partitions_lost",
+            "snapshots_fenced",
+            "events_not_owned",
+        ] {
+            let value = stats.get(key).map_or("-".into(), Value::to_string);
+            out.push_str(&format!("  {key:<width$}  {value}\n"));
+        }
+    }
     out
 }
 
@@ -147,6 +178,28 @@ mod tests {
         assert!(
             text.lines()
                 .any(|l| l.contains("feed_errors") && l.trim_end().ends_with('-')),
+            "{text}"
+        );
+        assert!(!text.contains("cluster"), "{text}");
+    }
+
+    #[test]
+    fn a_cluster_node_shows_its_id_and_partitions() {
+        let text = table(&serde_json::json!({
+            "partitions_lost": 2,
+            "cluster": {"node_id": "n1", "partitions": 64, "owned": [3, 4, 9]},
+        }));
+        assert!(text.contains("cluster\n"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.contains("node_id") && l.ends_with(" n1")),
+            "{text}"
+        );
+        assert!(text.contains("3 of 64"), "{text}");
+        assert!(text.contains("3,4,9"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.contains("partitions_lost") && l.ends_with(" 2")),
             "{text}"
         );
     }

@@ -133,6 +133,48 @@ async fn wait_all_covered(backend: &Backend, nodes: &[&Daemon], slack: i64) {
     }
 }
 
+/// A workflow of `file` whose partition `node` does not own.
+fn first_workflow_not_owned(node: &Daemon, file: &std::path::Path) -> String {
+    let mine = owned(node);
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|e| e["workflow_id"].as_str().unwrap().to_string())
+        .find(|w| {
+            !mine.contains(&u64::from(snapshotd::cluster::partition::partition_of(
+                w, 64,
+            )))
+        })
+        .expect("a workflow of another node")
+}
+
+/// Two running daemons cannot share a node id.
+#[tokio::test]
+async fn a_node_id_in_use_is_refused_with_its_name() {
+    let backend = Backend::postgres().await;
+    let root = tempfile::tempdir().unwrap();
+    let _n1 = start_node(root.path(), &backend, "n1", "");
+    let dir = root.path().join("twin");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("snapshotd.toml"), node_config("n1", "")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapshotd"))
+        .arg("--config")
+        .arg(dir.join("snapshotd.toml"))
+        .arg("run")
+        .env("SNAPSHOTD_SOCKET__PATH", dir.join("s.sock"))
+        .env("SNAPSHOTD_DATABASE__URL", backend.url())
+        .env("SNAPSHOTD_METRICS__ADDRESS", "")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cluster.node_id `n1` is in use"),
+        "{stderr}"
+    );
+}
+
 /// SIGTERM each node in turn (each hands its partitions to the rest; the
 /// last snapshots everything): every exit is clean.
 fn stop_all(nodes: Vec<Daemon>) {
@@ -184,6 +226,33 @@ async fn three_nodes_share_the_partitions_and_survive_a_kill_9() {
     // Each at least P/N - 2.
     wait_balanced(&[&n1, &n2, &n3], 64 / 3 - 2, 30);
     record(&backend, root.path(), 80, 1);
+    // Producers may send to any node: what another node owns is counted,
+    // not folded (its owner reads it from the table).
+    let sent = n1.send_file(&root.path().join("batch-1.ndjson"), true);
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let s1 = stats(&n1);
+    let (received, not_owned) = (
+        s1["events_received"].as_u64().unwrap(),
+        s1["events_not_owned"].as_u64().unwrap(),
+    );
+    assert!(
+        not_owned > received / 2 && not_owned < received,
+        "{not_owned} of {received} socket events not owned by n1"
+    );
+    let refused = n1.command(json!({"op": "snapshot", "entity_type": "workflow",
+        "entity_id": first_workflow_not_owned(&n1, &root.path().join("batch-1.ndjson"))}));
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("another node owns"),
+        "{refused}"
+    );
     let before = owned(&n2);
     let killed_at = db_now(&backend).await;
     n2.kill();
