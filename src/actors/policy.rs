@@ -324,8 +324,15 @@ impl PolicyState {
         if self.config().events_table.check().await {
             let workflow_id = self.workflow_id();
             if had_snapshot && !self.snapshot_matches_table().await? {
+                // The stored snapshot misses an event committed late below
+                // its sequence: readers must not keep reading it. Rebuilt
+                // from the table and written again at once.
                 let (_, snap_seq) = self.ledger.snapshot_position();
                 self.replay_table(&workflow_id, snap_seq).await?;
+                let (version, sequence) = self.ledger.snapshot_position();
+                tracing::info!(entity = %self.args.key, version, sequence,
+                    "The latest snapshot does not cover the events table; rebuilt it.");
+                self.send_state().await;
             }
             let (_, snap_seq) = self.ledger.snapshot_position();
             let after = self

@@ -103,6 +103,11 @@ pub async fn register(pool: &PgPool, node_id: &str, host: &str) -> Result<(), St
     .execute(pool)
     .await
     .map_err(StoreError::query("register the node"))?;
+    // Nodes gone for a day are forgotten (generated ids pile up otherwise).
+    sqlx::query("DELETE FROM snapshotd_nodes WHERE heartbeat < now() - interval '1 day'")
+        .execute(pool)
+        .await
+        .map_err(StoreError::query("forget long-gone nodes"))?;
     sqlx::query("UPDATE snapshotd_partitions SET owner = NULL, expires_at = now() WHERE owner = $1")
         .bind(node_id)
         .execute(pool)

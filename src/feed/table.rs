@@ -465,9 +465,31 @@ impl Follower {
                 } else {
                     feed.min_pause()
                 };
-                arrived = feed.sleep(pause, requests, shutdown).await?;
+                arrived = self.idle(feed, pause, requests, shutdown).await?;
             } else {
                 pause = feed.min_pause();
+            }
+        }
+    }
+
+    /// Sleep while caught up; a change of the partitions owned ends it
+    /// early (a partition just taken is caught up at once).
+    async fn idle(
+        &mut self,
+        feed: &TableFeed,
+        pause: Duration,
+        requests: &mut mpsc::UnboundedReceiver<SyncReply>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Option<SyncReply>, Stopped> {
+        let Some(changes) = self.changes.as_mut() else {
+            return feed.sleep(pause, requests, shutdown).await;
+        };
+        tokio::select! {
+            slept = feed.sleep(pause, requests, shutdown) => slept,
+            // Marked unchanged again when the loop takes the partitions.
+            _ = changes.changed() => {
+                changes.mark_changed();
+                Ok(None)
             }
         }
     }

@@ -349,9 +349,14 @@ impl Store {
         })
     }
 
-    /// Entities with events after `after_sequence` and beyond their latest
-    /// snapshot: what a restart must look at again. Whole workflows when
-    /// `by_workflow` (the stabilize reducer), else single entities.
+    /// Entities with events after `after_sequence` that their latest
+    /// snapshot does not cover exactly: what a restart (or a cluster node
+    /// taking a partition) must look at again. Whole workflows when
+    /// `by_workflow` (the stabilize reducer): events beyond the snapshot, or
+    /// a number of events up to its sequence other than its version (an
+    /// event committed late, below a snapshot taken before it was visible;
+    /// hydration then rebuilds from the table). Single entities otherwise:
+    /// events beyond the snapshot.
     pub async fn uncovered_entities(
         &self,
         after_sequence: i64,
@@ -373,10 +378,15 @@ impl Store {
         let sql = match (self, by_workflow) {
             (Store::Postgres(_), true) => {
                 in_partitions = format!(
-                    "SELECT 'workflow' AS entity_type, e.workflow_id::text AS entity_id FROM events e \
-                     WHERE e.sequence > $1{} GROUP BY e.workflow_id HAVING max(e.sequence) > coalesce(\
-                     (SELECT max(s.sequence) FROM snapshots s WHERE s.entity_type = 'workflow' \
-                     AND s.entity_id = e.workflow_id), 0)",
+                    "SELECT 'workflow' AS entity_type, w.workflow_id::text AS entity_id \
+                     FROM (SELECT e.workflow_id, max(e.sequence) AS top FROM events e \
+                       WHERE e.sequence > $1{} GROUP BY e.workflow_id) w \
+                     LEFT JOIN LATERAL (SELECT s.version, s.sequence FROM snapshots s \
+                       WHERE s.entity_type = 'workflow' AND s.entity_id = w.workflow_id \
+                       ORDER BY s.version DESC LIMIT 1) s ON true \
+                     WHERE CASE WHEN s.sequence IS NULL OR w.top > s.sequence THEN true \
+                       ELSE (SELECT count(*) FROM events x WHERE x.workflow_id = w.workflow_id \
+                         AND x.sequence <= s.sequence) <> s.version END",
                     partition_filter(only, 2)
                 );
                 in_partitions.as_str()
@@ -388,10 +398,15 @@ impl Store {
                  WHERE s.entity_type = e.entity_type AND s.entity_id = e.entity_id), 0)"
             }
             (Store::Sqlite(_), true) => {
-                "SELECT 'workflow' AS entity_type, e.workflow_id AS entity_id FROM events e \
-                 WHERE e.sequence > ?1 GROUP BY e.workflow_id HAVING max(e.sequence) > coalesce(\
-                 (SELECT max(s.sequence) FROM snapshots s WHERE s.entity_type = 'workflow' \
-                 AND s.entity_id = e.workflow_id), 0)"
+                "SELECT 'workflow' AS entity_type, w.workflow_id AS entity_id \
+                 FROM (SELECT workflow_id, max(sequence) AS top FROM events \
+                   WHERE sequence > ?1 GROUP BY workflow_id) w \
+                 LEFT JOIN snapshots s ON s.entity_type = 'workflow' \
+                   AND s.entity_id = w.workflow_id AND s.version = (SELECT max(s2.version) \
+                   FROM snapshots s2 WHERE s2.entity_type = 'workflow' AND s2.entity_id = w.workflow_id) \
+                 WHERE s.sequence IS NULL OR w.top > s.sequence \
+                   OR (SELECT count(*) FROM events x WHERE x.workflow_id = w.workflow_id \
+                     AND x.sequence <= s.sequence) <> s.version"
             }
             (Store::Sqlite(_), false) => {
                 "SELECT e.entity_type AS entity_type, e.entity_id AS entity_id \

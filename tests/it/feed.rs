@@ -62,7 +62,7 @@ async fn workflows_recorded_without_a_forwarder_are_snapshotted_from_the_table_o
 
 /// Insert one event of `workflow` the way stabilize's store does (the
 /// sequence and `commit_xid` from their defaults).
-fn insert_event(workflow: &str, event_id: &str, version: i64, seq_note: i64) -> String {
+pub(crate) fn insert_event(workflow: &str, event_id: &str, version: i64, seq_note: i64) -> String {
     format!(
         "INSERT INTO events (event_id, event_type, timestamp, entity_type, entity_id, \
          workflow_id, version, data, correlation_id, schema_version) VALUES \
