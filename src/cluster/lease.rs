@@ -108,16 +108,21 @@ pub async fn register(pool: &PgPool, node_id: &str, host: &str) -> Result<(), St
         .execute(pool)
         .await
         .map_err(StoreError::query("forget long-gone nodes"))?;
+    free_all(pool, node_id).await
+}
+
+/// Free every lease `node_id` holds.
+async fn free_all(pool: &PgPool, node_id: &str) -> Result<(), StoreError> {
     sqlx::query("UPDATE snapshotd_partitions SET owner = NULL, expires_at = now() WHERE owner = $1")
         .bind(node_id)
         .execute(pool)
         .await
         .map(drop)
-        .map_err(StoreError::query("free an earlier run's leases"))
+        .map_err(StoreError::query("release partition leases"))
 }
 
 /// One heartbeat: refresh this node's row, renew the leases it holds, and
-/// count the live nodes (heartbeat within `failover`). Returns the leases
+/// count the live nodes (heartbeat within `alive_within`). Returns the leases
 /// still held (a lease another node took is missing) and the live count.
 pub async fn heartbeat(
     pool: &PgPool,
@@ -125,7 +130,7 @@ pub async fn heartbeat(
     host: &str,
     held: &[Fence],
     lease: Duration,
-    failover: Duration,
+    alive_within: Duration,
 ) -> Result<(Vec<Fence>, usize), StoreError> {
     sqlx::query(
         "INSERT INTO snapshotd_nodes (node_id, host, pid) VALUES ($1, $2, $3) \
@@ -158,7 +163,7 @@ pub async fn heartbeat(
     let live: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM snapshotd_nodes WHERE heartbeat > now() - make_interval(secs => $1)",
     )
-    .bind(failover.as_secs_f64())
+    .bind(alive_within.as_secs_f64())
     .fetch_one(pool)
     .await
     .map_err(StoreError::query("count the live nodes"))?;
@@ -225,13 +230,7 @@ pub async fn release(pool: &PgPool, node_id: &str, fences: &[Fence]) -> Result<(
 
 /// At a graceful stop: free every lease and leave the nodes table.
 pub async fn leave(pool: &PgPool, node_id: &str) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE snapshotd_partitions SET owner = NULL, expires_at = now() WHERE owner = $1",
-    )
-    .bind(node_id)
-    .execute(pool)
-    .await
-    .map_err(StoreError::query("release partition leases"))?;
+    free_all(pool, node_id).await?;
     sqlx::query("DELETE FROM snapshotd_nodes WHERE node_id = $1")
         .bind(node_id)
         .execute(pool)

@@ -90,8 +90,13 @@ fn wait_balanced(nodes: &[&Daemon], min_each: usize, within_secs: u64) -> Durati
     started.elapsed()
 }
 
-/// stabilize records `workflows` new workflows into its events table.
-fn record(backend: &Backend, dir: &std::path::Path, workflows: u32, seed: u32) {
+/// The arguments for stabilize to record `workflows` new workflows.
+fn recorder_args(
+    backend: &Backend,
+    dir: &std::path::Path,
+    workflows: u32,
+    seed: u32,
+) -> Vec<String> {
     let out = dir.join(format!("batch-{seed}.ndjson"));
     let mut args = backend.python_args();
     args.extend([
@@ -102,9 +107,37 @@ fn record(backend: &Backend, dir: &std::path::Path, workflows: u32, seed: u32) {
         "--out".into(),
         out.display().to_string(),
     ]);
+    args
+}
+
+/// stabilize records `workflows` new workflows into its events table.
+fn record(backend: &Backend, dir: &std::path::Path, workflows: u32, seed: u32) {
+    let args = recorder_args(backend, dir, workflows, seed);
     run_python(
         "gen_workflows.py",
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+}
+
+/// The same in the background: stabilize keeps recording while a test acts.
+fn record_meanwhile(
+    backend: &Backend,
+    dir: &std::path::Path,
+    workflows: u32,
+    seed: u32,
+) -> std::process::Child {
+    crate::helpers::spawn_python(
+        "gen_workflows.py",
+        &recorder_args(backend, dir, workflows, seed),
+    )
+}
+
+fn finished(recorder: std::process::Child) {
+    let done = recorder.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
     );
 }
 
@@ -391,48 +424,17 @@ async fn a_node_joins_and_another_leaves_mid_stream_without_a_gap() {
     wait_balanced(&[&n1, &n2, &n3], 64 / 3 - 2, 30);
     record(&backend, root.path(), 60, 21);
     // Joins while stabilize records.
-    let mut args = backend.python_args();
-    let out = root.path().join("background.ndjson");
-    args.extend(
-        [
-            "--workflows",
-            "300",
-            "--seed",
-            "22",
-            "--out",
-            &out.display().to_string(),
-        ]
-        .map(String::from),
-    );
-    let background = crate::helpers::spawn_python("gen_workflows.py", &args);
+    let background = record_meanwhile(&backend, root.path(), 300, 22);
     let n4 = start_node(root.path(), &backend, "n4", "");
     let joined = wait_balanced(&[&n1, &n2, &n3, &n4], 64 / 4 - 2, 30);
     eprintln!(
         "the fourth node had its share {} ms after starting",
         joined.as_millis()
     );
-    let done = background.wait_with_output().unwrap();
-    assert!(
-        done.status.success(),
-        "{}",
-        String::from_utf8_lossy(&done.stderr)
-    );
+    finished(background);
     assert!(stats(&n4)["partitions_acquired"].as_u64().unwrap() >= 14);
     // Leaves while stabilize records.
-    let mut args = backend.python_args();
-    let out = root.path().join("background2.ndjson");
-    args.extend(
-        [
-            "--workflows",
-            "300",
-            "--seed",
-            "23",
-            "--out",
-            &out.display().to_string(),
-        ]
-        .map(String::from),
-    );
-    let background = crate::helpers::spawn_python("gen_workflows.py", &args);
+    let background = record_meanwhile(&backend, root.path(), 300, 23);
     std::thread::sleep(Duration::from_millis(200));
     let left = Instant::now();
     let status = n2.terminate();
@@ -443,12 +445,7 @@ async fn a_node_joins_and_another_leaves_mid_stream_without_a_gap() {
         "n2's partitions were owned again {} ms after SIGTERM",
         left.elapsed().as_millis()
     );
-    let done = background.wait_with_output().unwrap();
-    assert!(
-        done.status.success(),
-        "{}",
-        String::from_utf8_lossy(&done.stderr)
-    );
+    finished(background);
     wait_all_covered(&backend, &[&n1, &n3, &n4], 4).await;
     stop_all(vec![n1, n3, n4]);
     wait_all_covered(&backend, &[], 0).await;
