@@ -131,7 +131,10 @@ impl App {
         let fence = ownership.as_ref().map(|own| WriteFence {
             node_id: own.node_id().to_string(),
             write_log: settings.cluster.write_log,
-            idle_timeout: Duration::from_secs(settings.cluster.failover_secs) / 5,
+            // One heartbeat, but not so short that a busy machine's pause
+            // inside a transaction aborts it.
+            idle_timeout: (Duration::from_secs(settings.cluster.failover_secs) / 5)
+                .max(Duration::from_secs(1)),
         });
 
         let (writer, _) = Actor::spawn(
@@ -146,6 +149,7 @@ impl App {
                 keep_snapshots: settings.policy.keep_snapshots,
                 stats: stats.clone(),
                 fence,
+                ownership: ownership.clone(),
             },
         )
         .await

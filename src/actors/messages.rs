@@ -3,7 +3,7 @@
 //! knows their type), and everything else only knows these enums.
 
 use crate::model::event::Event;
-use crate::model::{EntityKey, PreparedSnapshot, Snapshot};
+use crate::model::{EntityKey, Fence, PreparedSnapshot, Snapshot};
 use ractor::{ActorId, ActorRef, RpcReplyPort};
 use std::time::Instant;
 use tokio::sync::OwnedSemaphorePermit;
@@ -57,12 +57,13 @@ pub enum RouterMsg {
     /// From the app, when the drain ran out of time: how many entities
     /// have not handed their final snapshot to the writer.
     Remaining(RpcReplyPort<usize>),
-    /// From the cluster's coordinator: these partitions are no longer this
-    /// node's (already revoked, so nothing new starts for them). Stop their
-    /// actors (snapshotting new events when `snapshot`: a handover), reply
-    /// once all have stopped.
+    /// From the cluster's coordinator: these leases are no longer this
+    /// node's to fold under (already revoked, so nothing new starts under
+    /// them). Stop the actors started under them (snapshotting new events
+    /// when `snapshot`: a handover), reply once all have stopped. Actors of
+    /// the same partitions under a newer lease are left alone.
     Release {
-        partitions: Vec<u32>,
+        fences: Vec<Fence>,
         snapshot: bool,
         reply: RpcReplyPort<()>,
     },

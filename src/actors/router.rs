@@ -11,7 +11,7 @@
 use super::messages::{PolicyMsg, RouterMsg, SnapshotOutcome, WriterMsg};
 use super::policy::{Policy, PolicyArgs, PolicyConfig};
 use crate::cluster::ownership::Ownership;
-use crate::model::EntityKey;
+use crate::model::{EntityKey, Fence};
 use crate::stats::Stats;
 use crate::store::Store;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -42,6 +42,8 @@ enum Entry {
     Running {
         actor: ActorRef<PolicyMsg>,
         used: u64,
+        /// In a cluster: the lease it was started under.
+        fence: Option<Fence>,
     },
     /// Asked to stop; messages wait here until it has, then go to a new actor.
     Stopping {
@@ -214,10 +216,10 @@ impl Actor for Router {
             }
             RouterMsg::Resync(key) => state.deliver(&myself, key, PolicyMsg::Resync).await,
             RouterMsg::Release {
-                partitions,
+                fences,
                 snapshot,
                 reply,
-            } => state.release(&partitions, snapshot, reply),
+            } => state.release(&fences, snapshot, reply),
             RouterMsg::Drain { snapshot, reply } => {
                 let running: Vec<EntityKey> = state.recency.values().cloned().collect();
                 for key in running {
@@ -269,7 +271,7 @@ impl RouterState {
     /// Send `msg` to the entity's actor, spawning it when there is none.
     async fn deliver(&mut self, myself: &ActorRef<RouterMsg>, key: EntityKey, msg: PolicyMsg) {
         let msg = match self.entities.get_mut(&key) {
-            Some(Entry::Running { actor, used }) => match actor.cast(msg) {
+            Some(Entry::Running { actor, used, .. }) => match actor.cast(msg) {
                 Ok(()) => {
                     // Most recently used now.
                     self.next_use += 1;
@@ -370,6 +372,7 @@ impl RouterState {
                     Entry::Running {
                         actor: actor.clone(),
                         used: self.next_use,
+                        fence,
                     },
                 );
                 Some(actor)
@@ -385,7 +388,7 @@ impl RouterState {
     /// `snapshot`); messages for it wait until it has, then go to a new one.
     fn passivate(&mut self, key: EntityKey, snapshot: bool) {
         if let Some(entry) = self.entities.get_mut(&key)
-            && let Entry::Running { actor, used } = entry
+            && let Entry::Running { actor, used, .. } = entry
         {
             let id = actor.get_id();
             let _ = actor.cast(PolicyMsg::Stop { snapshot });
@@ -426,7 +429,7 @@ impl RouterState {
     /// An actor is gone: answer its barriers, hand its stash to a new one.
     async fn ended(&mut self, myself: &ActorRef<RouterMsg>, key: EntityKey, id: ActorId) {
         let entry = match self.entities.get(&key) {
-            Some(Entry::Running { actor, used }) if actor.get_id() == id => {
+            Some(Entry::Running { actor, used, .. }) if actor.get_id() == id => {
                 self.recency.remove(used);
                 self.entities.remove(&key)
             }
@@ -463,24 +466,25 @@ impl RouterState {
         self.finish_drain_if_done();
     }
 
-    /// Stop every actor of `partitions` (they were revoked: none restarts);
-    /// reply once all have stopped.
-    fn release(&mut self, partitions: &[u32], snapshot: bool, reply: RpcReplyPort<()>) {
-        let Some(ownership) = self.args.ownership.clone() else {
+    /// Stop every actor started under one of `fences` (revoked: none
+    /// restarts under them), and wait for those of their partitions already
+    /// stopping; reply once all have stopped.
+    fn release(&mut self, fences: &[Fence], snapshot: bool, reply: RpcReplyPort<()>) {
+        let Some(count) = self.args.ownership.as_ref().map(|own| own.partitions()) else {
             let _ = reply.send(());
             return;
         };
-        let count = ownership.partitions();
+        let partitions: HashSet<u32> = fences.iter().map(|f| f.partition).collect();
         let keys: HashSet<EntityKey> = self
             .entities
-            .keys()
-            .filter(|key| {
-                partitions.contains(&crate::cluster::partition::partition_of(
-                    &key.entity_id,
-                    count,
-                ))
+            .iter()
+            .filter(|(key, entry)| match entry {
+                Entry::Running { fence, .. } => fence.is_some_and(|f| fences.contains(&f)),
+                Entry::Stopping { .. } => partitions.contains(
+                    &crate::cluster::partition::partition_of(&key.entity_id, count),
+                ),
             })
-            .cloned()
+            .map(|(key, _)| key.clone())
             .collect();
         for key in &keys {
             self.passivate(key.clone(), snapshot);

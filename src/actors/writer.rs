@@ -5,6 +5,7 @@
 //! permits senders acquire) until the store is back.
 
 use super::messages::{RouterMsg, WriterMsg};
+use crate::cluster::ownership::Ownership;
 use crate::error::chain;
 use crate::model::{EntityKey, PreparedSnapshot};
 use crate::stats::Stats;
@@ -28,6 +29,10 @@ pub struct WriterArgs {
     pub stats: Arc<Stats>,
     /// In a cluster: writes are fenced by the partition leases.
     pub fence: Option<WriteFence>,
+    /// In a cluster: what this node may still write (a snapshot of a lease
+    /// it no longer holds is dropped on arrival, and never offered to a
+    /// hydrating actor as a base).
+    pub ownership: Option<Arc<Ownership>>,
 }
 
 pub struct Writer;
@@ -97,6 +102,11 @@ impl Actor for Writer {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             WriterMsg::Snapshot(snapshot, permit) => {
+                if !state.may_write(&snapshot) {
+                    state.args.stats.snapshots_fenced.inc();
+                    tracing::debug!(entity = %snapshot.key, "Snapshot of a lease no longer held; dropped.");
+                    return Ok(());
+                }
                 let ticket = state.next_ticket;
                 state.next_ticket += 1;
                 let key = snapshot.key.clone();
@@ -141,13 +151,10 @@ impl Actor for Writer {
                 }
             }
             WriterMsg::PendingFor(key, reply) => {
-                let _ = reply.send(state.pending.get(&key).map(|p| p.snapshot.to_snapshot()));
+                let _ = reply.send(state.pending_base(&key));
             }
             WriterMsg::PendingMany(keys, reply) => {
-                let found = keys
-                    .iter()
-                    .map(|key| state.pending.get(key).map(|p| p.snapshot.to_snapshot()))
-                    .collect();
+                let found = keys.iter().map(|key| state.pending_base(key)).collect();
                 let _ = reply.send(found);
             }
             WriterMsg::SetRouter(router) => state.router = Some(router),
@@ -300,6 +307,22 @@ impl WriterState {
             }
         }
         self.finish_drain_if_done();
+    }
+
+    /// In a cluster: whether the snapshot's lease is still this node's.
+    fn may_write(&self, snapshot: &PreparedSnapshot) -> bool {
+        match (&self.args.ownership, snapshot.fence) {
+            (Some(ownership), Some(fence)) => ownership.may_write(fence),
+            _ => true,
+        }
+    }
+
+    /// The pending snapshot of `key` a hydrating actor may start from.
+    fn pending_base(&self, key: &EntityKey) -> Option<crate::model::Snapshot> {
+        self.pending
+            .get(key)
+            .filter(|p| self.may_write(&p.snapshot))
+            .map(|p| p.snapshot.to_snapshot())
     }
 
     /// Drop what is pending for `partitions` (no longer this node's).

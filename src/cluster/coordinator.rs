@@ -16,9 +16,14 @@
 //!   owner, which rebuilds it from the events table. Leases keep being
 //!   renewed meanwhile.
 //! * **Losing** a lease (another node took it: we were frozen or cut off,
-//!   or we could not renew for a whole lease) stops its actors without a
-//!   snapshot and drops what the writer holds for it; the database would
-//!   refuse those writes anyway.
+//!   or we could not renew for a whole lease) stops the actors started under
+//!   it without a snapshot and drops what the writer holds for it; the
+//!   database would refuse those writes anyway. Nothing is claimed in the
+//!   heartbeat that found a loss.
+//! * The coordinator talks to the database on its own connection (which
+//!   also holds the node id's lock), never waiting for the data pool, and
+//!   waits for a row lock at most one heartbeat. Lease times are
+//!   `clock_timestamp()`, not the start of a statement that may have waited.
 //! * **Gaining** one: the feed notices, wakes the partition's workflows
 //!   that have events beyond their latest snapshot, and reads the
 //!   partition's new events from then on.
@@ -33,7 +38,7 @@ use crate::settings::ClusterSettings;
 use crate::stats::Stats;
 use crate::store::{Store, StoreError};
 use ractor::ActorRef;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgConnection;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
@@ -56,17 +61,16 @@ pub enum JoinError {
 
 /// The coordinator before it runs (joined: tables ready, id locked, registered).
 pub struct Coordinator {
-    pool: PgPool,
-    /// Holds the node id's session lock for the node's life.
-    _lock: PgConnection,
+    url: String,
+    /// Its own connection, holding the node id's session lock; `None`
+    /// after an error (reconnected, and the lock taken again, when next needed).
+    conn: Option<PgConnection>,
     ownership: Arc<Ownership>,
     stats: Arc<Stats>,
     host: String,
     heartbeat: Duration,
     lease: Duration,
     handover: Duration,
-    /// Partitions being handed over: no longer folded here, still renewed.
-    releasing: Vec<Fence>,
     last_renewed: Instant,
 }
 
@@ -105,38 +109,32 @@ impl Coordinator {
         let Store::Postgres(pg) = store else {
             return Err(JoinError::NotPostgres);
         };
-        let pool = pg.pool().clone();
-        lease::setup(&pool, settings.partitions, settings.write_log).await?;
+        let pool = pg.pool();
+        lease::setup(pool, settings.partitions, settings.write_log).await?;
         let node_id = if settings.node_id.is_empty() {
             generated_node_id()
         } else {
             settings.node_id.clone()
         };
-        let mut lock = PgConnection::connect(url)
-            .await
-            .map_err(|source| StoreError::Connect {
-                target: crate::store::redact(url),
-                source,
-            })?;
-        if !lease::lock_node_id(&mut lock, &node_id).await? {
+        let failover = Duration::from_secs(settings.failover_secs);
+        let heartbeat = failover / 5;
+        let mut conn = lease::connect(url, heartbeat).await?;
+        if !lease::lock_node_id(&mut conn, &node_id).await? {
             return Err(JoinError::NodeIdInUse(node_id));
         }
         let host = hostname();
-        lease::register(&pool, &node_id, &host).await?;
-        let failover = Duration::from_secs(settings.failover_secs);
-        let heartbeat = failover / 5;
+        lease::register(pool, &node_id, &host).await?;
         tracing::info!(node = %node_id, partitions = settings.partitions, failover_secs = settings.failover_secs,
             "Joined the cluster.");
         Ok(Coordinator {
-            pool,
-            _lock: lock,
+            url: url.to_string(),
+            conn: Some(conn),
             ownership: Arc::new(Ownership::new(node_id, settings.partitions)),
             stats,
             host,
             heartbeat,
             lease: failover - heartbeat,
             handover: Duration::from_secs(settings.handover_secs),
-            releasing: Vec::new(),
             last_renewed: Instant::now(),
         })
     }
@@ -161,13 +159,19 @@ impl Coordinator {
                     }
                 }
             }
-            if let Err(error) = lease::leave(&self.pool, self.ownership.node_id()).await {
-                tracing::warn!(error = %chain(&error), "Could not free the leases; they expire.");
-            } else {
-                tracing::info!(
+            let node_id = self.ownership.node_id().to_string();
+            let left = match self.conn().await {
+                Some(conn) => lease::leave(conn, &node_id).await,
+                None => Ok(()),
+            };
+            match left {
+                Ok(()) => tracing::info!(
                     partitions = self.ownership.count(),
                     "Left the cluster; leases freed."
-                );
+                ),
+                Err(error) => {
+                    tracing::warn!(error = %chain(&error), "Could not free the leases; they expire.")
+                }
             }
             self.ownership.revoke(&partitions(&self.ownership.held()));
             self.publish();
@@ -177,10 +181,10 @@ impl Coordinator {
 
     /// One heartbeat: renew, drop what was lost, then balance.
     async fn beat(&mut self, steered: &Steered, balance: bool) {
-        let Some(live) = self.renew(steered).await else {
+        let Some((live, lost_any)) = self.renew(steered).await else {
             return;
         };
-        if !balance {
+        if !balance || lost_any {
             return;
         }
         let held = self.ownership.held();
@@ -191,117 +195,143 @@ impl Coordinator {
                 .filter(|f| step.release.contains(&f.partition))
                 .collect();
             self.hand_over(steered, fences).await;
-        } else if step.claim > 0 {
-            match lease::claim(&self.pool, self.ownership.node_id(), step.claim, self.lease).await {
-                Ok(taken) if !taken.is_empty() => {
-                    self.stats.partitions_acquired.inc_by(taken.len() as u64);
-                    tracing::info!(partitions = ?partitions(&taken), live_nodes = live, "Partitions taken.");
-                    self.ownership.grant(&taken);
-                    self.publish();
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(error = %chain(&error), "Claiming partitions failed; retrying.")
-                }
+        } else {
+            self.claim(step.claim, live).await;
+        }
+    }
+
+    /// Take up to `count` free or expired leases.
+    async fn claim(&mut self, count: usize, live: usize) {
+        if count == 0 {
+            return;
+        }
+        let (node_id, lease) = (self.ownership.node_id().to_string(), self.lease);
+        let Some(conn) = self.conn().await else {
+            return;
+        };
+        match lease::claim(conn, &node_id, count, lease).await {
+            Ok(taken) if !taken.is_empty() => {
+                self.stats.partitions_acquired.inc_by(taken.len() as u64);
+                tracing::info!(partitions = ?partitions(&taken), live_nodes = live, "Partitions taken.");
+                self.ownership.grant(&taken);
+                self.publish();
             }
+            Ok(_) => {}
+            Err(error) => self.failed(&error, "Claiming partitions failed; retrying."),
         }
     }
 
     /// Renew every lease held (and being handed over); a lease missing from
-    /// the answer was taken by another node. `None` when the database did
-    /// not answer; after a whole lease without an answer, everything is
-    /// given up here (the others are taking it).
-    async fn renew(&mut self, steered: &Steered) -> Option<usize> {
+    /// the answer was taken by another node. The live node count, and
+    /// whether anything was lost; `None` when the database did not answer.
+    /// After a whole lease without an answer, everything is given up here
+    /// (the others are taking it).
+    async fn renew(&mut self, steered: &Steered) -> Option<(usize, bool)> {
         let held = self.ownership.held();
         let mut renewing = held.clone();
-        renewing.extend(self.releasing.iter().copied());
-        match lease::heartbeat(
-            &self.pool,
-            self.ownership.node_id(),
-            &self.host,
-            &renewing,
+        renewing.extend(self.ownership.releasing());
+        let (node_id, host, lease) = (
+            self.ownership.node_id().to_string(),
+            self.host.clone(),
             self.lease,
-            self.lease,
-        )
-        .await
-        {
+        );
+        let answer = match self.conn().await {
+            Some(conn) => lease::heartbeat(conn, &node_id, &host, &renewing, lease, lease).await,
+            None => Err(StoreError::Query {
+                op: "reach the database for the heartbeat",
+                source: sqlx::Error::PoolClosed,
+            }),
+        };
+        match answer {
             Ok((still, live)) => {
                 self.last_renewed = Instant::now();
                 let lost: Vec<Fence> = held.into_iter().filter(|f| !still.contains(f)).collect();
                 self.lose(steered, &lost, "another node took them");
-                Some(live)
+                Some((live, !lost.is_empty()))
             }
             Err(error) => {
-                tracing::warn!(error = %chain(&error), "Renewing the partition leases failed; retrying.");
+                self.failed(&error, "Renewing the partition leases failed; retrying.");
                 if self.last_renewed.elapsed() >= self.lease {
-                    self.lose(steered, &held, "not renewed for a whole lease");
+                    let mut all = held;
+                    all.extend(self.ownership.releasing());
+                    self.lose(steered, &all, "not renewed for a whole lease");
                 }
                 None
             }
         }
     }
 
-    /// Stop folding partitions whose leases are gone: their actors stop
-    /// without a snapshot and the writer drops what it holds for them.
+    /// Stop folding partitions whose leases are gone: the actors started
+    /// under those leases stop without a snapshot and the writer drops what
+    /// it holds for them.
     fn lose(&mut self, steered: &Steered, lost: &[Fence], why: &str) {
         if lost.is_empty() {
             return;
         }
-        let lost = partitions(lost);
-        tracing::warn!(partitions = ?lost, reason = why, "Partition leases lost; their entities stop here.");
+        let list = partitions(lost);
+        tracing::warn!(partitions = ?list, reason = why, "Partition leases lost; their entities stop here.");
         self.stats.partitions_lost.inc_by(lost.len() as u64);
-        self.ownership.revoke(&lost);
+        self.ownership.revoke(&list);
         self.publish();
         let (reply, _) = ractor::concurrency::oneshot();
         let _ = steered.router.cast(RouterMsg::Release {
-            partitions: lost.clone(),
+            fences: lost.to_vec(),
             snapshot: false,
             reply: reply.into(),
         });
-        let _ = steered.writer.cast(WriterMsg::Forget(lost));
+        let _ = steered.writer.cast(WriterMsg::Forget(list));
     }
 
     /// Hand partitions over: stop folding them, let their actors snapshot
     /// and stop, commit, free the leases; bounded by `handover_secs`,
-    /// renewing meanwhile.
+    /// renewing (and claiming, should a node die meanwhile) every heartbeat.
     async fn hand_over(&mut self, steered: &Steered, fences: Vec<Fence>) {
         let started = Instant::now();
         let deadline = started + self.handover;
         let list = partitions(&fences);
         tracing::info!(partitions = ?list, "Handing partitions over.");
-        self.ownership.revoke(&list);
-        self.releasing = fences.clone();
+        self.ownership.start_release(&fences);
         self.publish();
         let (reply, stopped) = ractor::concurrency::oneshot();
         let _ = steered.router.cast(RouterMsg::Release {
-            partitions: list.clone(),
+            fences: fences.clone(),
             snapshot: true,
             reply: reply.into(),
         });
         let mut drained = self.renewing_until(steered, stopped, deadline).await;
         if drained {
-            let writer = steered.writer.clone();
             let (reply, flushed) = ractor::concurrency::oneshot();
-            drained = writer.cast(WriterMsg::Flush(reply.into())).is_ok()
+            drained = steered.writer.cast(WriterMsg::Flush(reply.into())).is_ok()
                 && self.renewing_until(steered, flushed, deadline).await;
         }
-        let _ = steered.writer.cast(WriterMsg::Forget(list.clone()));
-        match lease::release(&self.pool, self.ownership.node_id(), &fences).await {
+        // Still ours (not lost meanwhile): free them.
+        let ours: Vec<Fence> = self
+            .ownership
+            .releasing()
+            .into_iter()
+            .filter(|f| fences.contains(f))
+            .collect();
+        self.ownership.revoke(&partitions(&ours));
+        let _ = steered.writer.cast(WriterMsg::Forget(partitions(&ours)));
+        let node_id = self.ownership.node_id().to_string();
+        let freed = match self.conn().await {
+            Some(conn) => lease::release(conn, &node_id, &ours).await,
+            None => Ok(()),
+        };
+        match freed {
             Ok(()) => {
-                self.stats.partitions_released.inc_by(list.len() as u64);
-                tracing::info!(partitions = ?list, drained, took_ms = started.elapsed().as_millis() as u64,
+                self.stats.partitions_released.inc_by(ours.len() as u64);
+                tracing::info!(partitions = ?partitions(&ours), drained, took_ms = started.elapsed().as_millis() as u64,
                     "Partitions handed over.");
             }
             // They expire instead; nothing more is written for them here.
-            Err(error) => {
-                tracing::warn!(error = %chain(&error), "Freeing handed-over leases failed; they expire.")
-            }
+            Err(error) => self.failed(&error, "Freeing handed-over leases failed; they expire."),
         }
-        self.releasing.clear();
     }
 
-    /// Wait for `done` until `deadline`, renewing the leases every
-    /// heartbeat meanwhile. `true` when it came in time.
+    /// Wait for `done` until `deadline`, renewing the leases (and taking
+    /// what a node that died meanwhile leaves) every heartbeat. `true` when
+    /// it came in time.
     async fn renewing_until<T>(
         &mut self,
         steered: &Steered,
@@ -317,10 +347,49 @@ impl Coordinator {
                     if Instant::now() >= deadline {
                         return false;
                     }
-                    self.renew(steered).await;
+                    if let Some((live, false)) = self.renew(steered).await {
+                        let held = partitions(&self.ownership.held());
+                        let step = plan(&held, self.ownership.partitions(), live);
+                        self.claim(step.claim, live).await;
+                    }
                 }
             }
         }
+    }
+
+    /// The coordinator's connection, reconnecting (and locking the node id
+    /// again) after an error. `None` when the database cannot be reached, or
+    /// when another daemon took this node's id meanwhile.
+    async fn conn(&mut self) -> Option<&mut PgConnection> {
+        if self.conn.is_none() {
+            match lease::connect(&self.url, self.heartbeat).await {
+                Ok(mut conn) => {
+                    match lease::lock_node_id(&mut conn, self.ownership.node_id()).await {
+                        Ok(true) => self.conn = Some(conn),
+                        Ok(false) => {
+                            tracing::error!(node = %self.ownership.node_id(),
+                            "Another running daemon took this node's id while the database was out of reach; this node stays out of the cluster.");
+                            return None;
+                        }
+                        Err(error) => {
+                            tracing::warn!(error = %chain(&error), "Locking the node id failed; retrying.");
+                            return None;
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = %chain(&error), "Reconnecting to the database failed; retrying.");
+                    return None;
+                }
+            }
+        }
+        self.conn.as_mut()
+    }
+
+    /// A statement failed: log it, and start afresh on a new connection.
+    fn failed(&mut self, error: &StoreError, what: &str) {
+        tracing::warn!(error = %chain(error), "{what}");
+        self.conn = None;
     }
 
     fn publish(&self) {

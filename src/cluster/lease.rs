@@ -3,7 +3,7 @@
 
 use crate::model::Fence;
 use crate::store::StoreError;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use std::time::Duration;
 
 /// The key of the transaction-scoped advisory lock that serialises creating
@@ -74,6 +74,24 @@ pub async fn setup(pool: &PgPool, partitions: u32, write_log: bool) -> Result<()
         .map_err(StoreError::query("create the cluster's tables"))
 }
 
+/// The coordinator's own connection: its statements never wait for the
+/// data pool, and wait for a row lock at most `lock_wait` (a renewal stuck
+/// behind a long write would be worse than one retried at the next
+/// heartbeat). Holds the node id's session lock ([`lock_node_id`]).
+pub async fn connect(url: &str, lock_wait: Duration) -> Result<PgConnection, StoreError> {
+    use sqlx::ConnectOptions;
+    let target = crate::store::redact(url);
+    let options: sqlx::postgres::PgConnectOptions = url
+        .parse()
+        .map_err(|_| StoreError::BadUrl(target.clone()))?;
+    let wait = format!("{}ms", lock_wait.as_millis().max(1));
+    options
+        .options([("lock_timeout", wait.as_str()), ("TimeZone", "UTC")])
+        .connect()
+        .await
+        .map_err(|source| StoreError::Connect { target, source })
+}
+
 /// Take the session lock on `node_id` on `conn` (kept open for the node's
 /// life: a killed node's connection closes and frees it). `false` when a
 /// running daemon holds it.
@@ -112,10 +130,10 @@ pub async fn register(pool: &PgPool, node_id: &str, host: &str) -> Result<(), St
 }
 
 /// Free every lease `node_id` holds.
-async fn free_all(pool: &PgPool, node_id: &str) -> Result<(), StoreError> {
+async fn free_all(conn: impl sqlx::PgExecutor<'_>, node_id: &str) -> Result<(), StoreError> {
     sqlx::query("UPDATE snapshotd_partitions SET owner = NULL, expires_at = now() WHERE owner = $1")
         .bind(node_id)
-        .execute(pool)
+        .execute(conn)
         .await
         .map(drop)
         .map_err(StoreError::query("release partition leases"))
@@ -125,7 +143,7 @@ async fn free_all(pool: &PgPool, node_id: &str) -> Result<(), StoreError> {
 /// count the live nodes (heartbeat within `alive_within`). Returns the leases
 /// still held (a lease another node took is missing) and the live count.
 pub async fn heartbeat(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     node_id: &str,
     host: &str,
     held: &[Fence],
@@ -134,19 +152,19 @@ pub async fn heartbeat(
 ) -> Result<(Vec<Fence>, usize), StoreError> {
     sqlx::query(
         "INSERT INTO snapshotd_nodes (node_id, host, pid) VALUES ($1, $2, $3) \
-         ON CONFLICT (node_id) DO UPDATE SET heartbeat = now()",
+         ON CONFLICT (node_id) DO UPDATE SET heartbeat = clock_timestamp()",
     )
     .bind(node_id)
     .bind(host)
     .bind(std::process::id() as i32)
-    .execute(pool)
+    .execute(&mut *conn)
     .await
     .map_err(StoreError::query("send the node's heartbeat"))?;
     let partitions: Vec<i32> = held.iter().map(|f| f.partition as i32).collect();
     let epochs: Vec<i64> = held.iter().map(|f| f.epoch).collect();
     // Locked in partition order, like the writer's FOR SHARE: no deadlock.
     let renewed: Vec<(i32, i64)> = sqlx::query_as(
-        "UPDATE snapshotd_partitions p SET expires_at = now() + make_interval(secs => $4) \
+        "UPDATE snapshotd_partitions p SET expires_at = clock_timestamp() + make_interval(secs => $4) \
          WHERE p.partition IN (SELECT l.partition FROM snapshotd_partitions l \
            JOIN UNNEST($2::int4[], $3::int8[]) AS h(partition, epoch) \
              ON h.partition = l.partition AND h.epoch = l.epoch \
@@ -157,14 +175,15 @@ pub async fn heartbeat(
     .bind(partitions)
     .bind(epochs)
     .bind(lease.as_secs_f64())
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await
     .map_err(StoreError::query("renew the partition leases"))?;
     let live: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM snapshotd_nodes WHERE heartbeat > now() - make_interval(secs => $1)",
+        "SELECT count(*) FROM snapshotd_nodes \
+         WHERE heartbeat > clock_timestamp() - make_interval(secs => $1)",
     )
     .bind(alive_within.as_secs_f64())
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await
     .map_err(StoreError::query("count the live nodes"))?;
     let mut still: Vec<Fence> = renewed
@@ -181,7 +200,7 @@ pub async fn heartbeat(
 /// Take up to `count` leases that are free or expired, each at a new epoch.
 /// Rows a writer holds locked are skipped (taken at a later heartbeat).
 pub async fn claim(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     node_id: &str,
     count: usize,
     lease: Duration,
@@ -191,17 +210,17 @@ pub async fn claim(
     }
     let rows: Vec<(i32, i64)> = sqlx::query_as(
         "UPDATE snapshotd_partitions p SET owner = $1, epoch = p.epoch + 1, \
-           expires_at = now() + make_interval(secs => $3) \
+           expires_at = clock_timestamp() + make_interval(secs => $3) \
          WHERE p.partition IN (SELECT partition FROM snapshotd_partitions \
-           WHERE owner IS NULL OR expires_at < now() \
+           WHERE owner IS NULL OR expires_at < clock_timestamp() \
            ORDER BY partition LIMIT $2 FOR UPDATE SKIP LOCKED) \
-           AND (p.owner IS NULL OR p.expires_at < now()) \
+           AND (p.owner IS NULL OR p.expires_at < clock_timestamp()) \
          RETURNING p.partition, p.epoch",
     )
     .bind(node_id)
     .bind(count as i64)
     .bind(lease.as_secs_f64())
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
     .map_err(StoreError::query("claim partition leases"))?;
     Ok(rows
@@ -214,7 +233,11 @@ pub async fn claim(
 }
 
 /// Give leases back (free at once for the others).
-pub async fn release(pool: &PgPool, node_id: &str, fences: &[Fence]) -> Result<(), StoreError> {
+pub async fn release(
+    conn: &mut PgConnection,
+    node_id: &str,
+    fences: &[Fence],
+) -> Result<(), StoreError> {
     let partitions: Vec<i32> = fences.iter().map(|f| f.partition as i32).collect();
     sqlx::query(
         "UPDATE snapshotd_partitions SET owner = NULL, expires_at = now() \
@@ -222,18 +245,18 @@ pub async fn release(pool: &PgPool, node_id: &str, fences: &[Fence]) -> Result<(
     )
     .bind(node_id)
     .bind(partitions)
-    .execute(pool)
+    .execute(conn)
     .await
     .map(drop)
     .map_err(StoreError::query("release partition leases"))
 }
 
 /// At a graceful stop: free every lease and leave the nodes table.
-pub async fn leave(pool: &PgPool, node_id: &str) -> Result<(), StoreError> {
-    free_all(pool, node_id).await?;
+pub async fn leave(conn: &mut PgConnection, node_id: &str) -> Result<(), StoreError> {
+    free_all(&mut *conn, node_id).await?;
     sqlx::query("DELETE FROM snapshotd_nodes WHERE node_id = $1")
         .bind(node_id)
-        .execute(pool)
+        .execute(conn)
         .await
         .map(drop)
         .map_err(StoreError::query("leave the nodes table"))

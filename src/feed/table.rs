@@ -54,6 +54,7 @@
 
 use crate::actors::messages::RouterMsg;
 use crate::cluster::ownership::Ownership;
+use crate::model::Fence;
 use crate::model::event::Event;
 use crate::reducer::Reducer;
 use crate::settings::FeedSettings;
@@ -230,6 +231,7 @@ impl TableFeed {
             last_save: tokio::time::Instant::now(),
             waiting: Vec::new(),
             only: None,
+            leases: Vec::new(),
             changes: None,
         })
     }
@@ -283,6 +285,7 @@ impl TableFeed {
                 owned: Vec::new(),
                 count: ownership.partitions(),
             }),
+            leases: Vec::new(),
             changes: Some(changes),
         })
     }
@@ -293,15 +296,14 @@ impl TableFeed {
         let (Some(ownership), Some(only)) = (&self.ownership, &follower.only) else {
             return Ok(());
         };
-        let owned: Vec<i64> = ownership
-            .held()
+        // By lease, not by partition: one lost and taken again (a new
+        // epoch) is caught up again.
+        let held = ownership.held();
+        let owned: Vec<i64> = held.iter().map(|f| i64::from(f.partition)).collect();
+        let taken: Vec<i64> = held
             .iter()
+            .filter(|f| !follower.leases.contains(f))
             .map(|f| i64::from(f.partition))
-            .collect();
-        let taken: Vec<i64> = owned
-            .iter()
-            .copied()
-            .filter(|p| !only.owned.contains(p))
             .collect();
         if !taken.is_empty() {
             let uncovered = self
@@ -331,6 +333,7 @@ impl TableFeed {
             owned,
             count: only.count,
         });
+        follower.leases = held;
         Ok(())
     }
 
@@ -375,6 +378,8 @@ struct Follower {
     waiting: Vec<(FeedCursor, SyncReply)>,
     /// In a cluster: the partitions read (those owned when last looked).
     only: Option<Partitions>,
+    /// In a cluster: the leases they were caught up under.
+    leases: Vec<Fence>,
     /// In a cluster: told when ownership changes.
     changes: Option<watch::Receiver<u64>>,
 }

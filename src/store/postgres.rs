@@ -113,7 +113,18 @@ impl PgStore {
         .fetch_one(&self.pool)
         .await
         .map_err(StoreError::query("check the server's compression methods"))?;
-        for ddl in POSTGRES_SNAPSHOTS {
+        // `CREATE INDEX IF NOT EXISTS` locks the table even when the index
+        // exists: with several daemons on one database, a node starting
+        // would hold up every other node's writes. Existing: no DDL at all.
+        let exists: bool = sqlx::query_scalar(
+            "SELECT to_regclass('snapshots') IS NOT NULL \
+             AND to_regclass('idx_snapshots_entity') IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(StoreError::query("look for the snapshots table"))?;
+        let ddls = if exists { &[][..] } else { POSTGRES_SNAPSHOTS };
+        for ddl in ddls {
             let ddl = if lz4 {
                 ddl.replacen(
                     "state JSONB NOT NULL",

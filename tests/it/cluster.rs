@@ -42,7 +42,7 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 
 /// Short failover so the tests run in seconds; every write logged.
-const FAILOVER_SECS: u64 = 3;
+const FAILOVER_SECS: u64 = 5;
 
 fn node_config(node: &str, extra: &str) -> String {
     format!(
@@ -208,9 +208,14 @@ async fn a_node_id_in_use_is_refused_with_its_name() {
     );
 }
 
-/// SIGTERM each node in turn (each hands its partitions to the rest; the
-/// last snapshots everything): every exit is clean.
+/// Let every node fold everything committed so far (`sync`), then SIGTERM
+/// each in turn (each snapshots what it holds and frees its leases): every
+/// exit is clean.
 fn stop_all(nodes: Vec<Daemon>) {
+    for node in &nodes {
+        let reply = node.command(json!({"op": "sync"}));
+        assert_eq!(reply["ok"], true, "{reply}\n{}", node.log());
+    }
     for mut node in nodes {
         let status = node.terminate();
         assert!(status.success(), "{}", node.log());
@@ -290,11 +295,12 @@ async fn three_nodes_share_the_partitions_and_survive_a_kill_9() {
     let killed_at = db_now(&backend).await;
     n2.kill();
     let killed = Instant::now();
-    record(&backend, root.path(), 80, 2);
+    // stabilize goes on recording: the dead node's events wait in the table.
+    let recorder = record_meanwhile(&backend, root.path(), 80, 2);
     // The survivors own everything, within the failover time (plus what
     // this test's polling adds).
-    let took = wait_balanced(&[&n1, &n3], 0, FAILOVER_SECS + 10);
-    let failover = killed.elapsed().min(took + Duration::from_millis(100));
+    wait_balanced(&[&n1, &n3], 0, FAILOVER_SECS + 10);
+    let failover = killed.elapsed();
     eprintln!("failover: {} ms after kill -9", failover.as_millis());
     assert!(
         // Slack for this test's polling on a loaded machine.
@@ -302,6 +308,7 @@ async fn three_nodes_share_the_partitions_and_survive_a_kill_9() {
         "{} partitions took {failover:?} to be taken (failover_secs = {FAILOVER_SECS})",
         before.len()
     );
+    finished(recorder);
     wait_all_covered(&backend, &[&n1, &n3], 4).await;
     // Kill -9 to the first snapshot of one of its partitions by a survivor
     // (the events recorded after the kill wait in the table until then).
@@ -373,9 +380,8 @@ async fn a_frozen_node_writes_nothing_for_the_partitions_it_lost() {
     }
     let woken = db_now(&backend).await;
     n3.signal("CONT");
-    let after = eventually(20, "n3 to notice its losses", || {
-        let s = stats(&n3);
-        (s["partitions_lost"].as_u64().unwrap() > 0).then_some(s)
+    eventually(20, "n3 to notice its losses", || {
+        (stats(&n3)["partitions_lost"].as_u64().unwrap() > 0).then_some(())
     });
     let Backend::Postgres(db) = &backend else {
         unreachable!()
@@ -393,11 +399,12 @@ async fn a_frozen_node_writes_nothing_for_the_partitions_it_lost() {
     .await
     .unwrap();
     assert_eq!(stale, 0, "n3 wrote under a lease it had lost");
-    // The pending snapshots of the lost partitions were refused.
-    assert!(
-        after["snapshots_fenced"].as_u64().unwrap() > 0,
-        "nothing was fenced: the freeze proved nothing: {after}"
-    );
+    // The pending snapshots of the lost partitions were refused (by the
+    // database, or dropped once the loss was noticed).
+    let after = eventually(10, "n3's pending snapshots to be fenced", || {
+        let s = stats(&n3);
+        (s["snapshots_fenced"].as_u64().unwrap() > 0).then_some(s)
+    });
     eprintln!(
         "n3 after waking: lost {} partitions, {} snapshots fenced",
         after["partitions_lost"], after["snapshots_fenced"]
