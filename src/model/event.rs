@@ -344,20 +344,30 @@ fn preview(text: &str) -> String {
 /// Refuse nesting deeper than `max` before building anything.
 fn check_depth(line: &[u8], max: usize) -> Result<(), DecodeError> {
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in line {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
+    let mut i = 0;
+    while i < line.len() {
+        match line[i] {
+            // A string: jump from quote or backslash to the next (most of
+            // an event's bytes are string contents).
+            b'"' => {
+                i += 1;
+                loop {
+                    let Some(at) = line
+                        .get(i..)
+                        .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+                    else {
+                        // Unterminated: the parser names it.
+                        return Ok(());
+                    };
+                    if line[i + at] == b'\\' {
+                        i += at + 2;
+                    } else {
+                        i += at + 1;
+                        break;
+                    }
+                }
+                continue;
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
             b'{' | b'[' => {
                 depth += 1;
                 if depth > max {
@@ -367,6 +377,7 @@ fn check_depth(line: &[u8], max: usize) -> Result<(), DecodeError> {
             b'}' | b']' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     Ok(())
 }
@@ -415,6 +426,23 @@ pub fn render_timestamp(t: &DateTime<Utc>) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn depth_is_counted_outside_strings_only() {
+        use super::check_depth;
+        let deep = |line: &str, max| check_depth(line.as_bytes(), max).is_err();
+        assert!(!deep(r#"{"a": "[[[[{{{{"}"#, 1));
+        assert!(!deep(r#"{"a": "\"[[[[", "b": 1}"#, 1), "escaped quote");
+        assert!(
+            deep(r#"{"a": "\\", "b": [[1]]}"#, 2),
+            "escaped backslash ends the string"
+        );
+        assert!(!deep(r#"{"a": [1], "b": [2]}"#, 2));
+        assert!(deep(r#"{"a": [{"b": 1}]}"#, 2));
+        assert!(!deep(r#"{"a": "unterminated [[[["#, 1));
+        assert!(!deep(r#"{"a": "ends in a backslash \"#, 1));
+        assert!(!deep("", 1));
+    }
+
     use super::*;
 
     const LIMITS: Limits = Limits {
