@@ -416,7 +416,31 @@ pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
 /// An instant as Python's `isoformat()` renders an aware UTC datetime:
 /// microseconds only when non-zero, always six digits.
 pub fn render_timestamp(t: &DateTime<Utc>) -> String {
+    use chrono::Datelike;
     let micros = t.nanosecond() / 1000;
+    // Four-digit years by hand: chrono's strftime parses its format string
+    // on every call, and the stabilize reducer renders a time for most
+    // events it folds. Seconds beyond 59 (leap) take chrono's way.
+    if (0..=9999).contains(&t.year()) && t.nanosecond() < 1_000_000_000 {
+        let mut text = String::with_capacity(32);
+        push_digits(&mut text, t.year() as u32, 4);
+        for (separator, n) in [
+            ('-', t.month()),
+            ('-', t.day()),
+            ('T', t.hour()),
+            (':', t.minute()),
+            (':', t.second()),
+        ] {
+            text.push(separator);
+            push_digits(&mut text, n, 2);
+        }
+        if micros != 0 {
+            text.push('.');
+            push_digits(&mut text, micros, 6);
+        }
+        text.push_str("+00:00");
+        return text;
+    }
     if micros == 0 {
         t.format("%Y-%m-%dT%H:%M:%S+00:00").to_string()
     } else {
@@ -424,8 +448,48 @@ pub fn render_timestamp(t: &DateTime<Utc>) -> String {
     }
 }
 
+/// `n` in `width` decimal digits, zero-padded (`n` has at most `width`).
+fn push_digits(text: &mut String, mut n: u32, width: usize) {
+    let mut buf = [b'0'; 8];
+    for slot in buf[..width].iter_mut().rev() {
+        *slot = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    text.push_str(std::str::from_utf8(&buf[..width]).expect("ASCII digits"));
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn timestamps_render_as_chrono_formats_them() {
+        use super::render_timestamp;
+        use chrono::{DateTime, TimeZone, Utc};
+        let chrono_way = |t: &DateTime<Utc>| {
+            let micros = t.timestamp_subsec_micros();
+            if micros == 0 {
+                t.format("%Y-%m-%dT%H:%M:%S+00:00").to_string()
+            } else {
+                format!("{}.{micros:06}+00:00", t.format("%Y-%m-%dT%H:%M:%S"))
+            }
+        };
+        let mut micros: i64 = -62_135_596_800_000_000; // 0001-01-01
+        let step = 7_919_000_003_i64; // ~2 hours and a few microseconds
+        while micros < 253_402_300_799_000_000 {
+            let t = Utc.timestamp_micros(micros).unwrap();
+            assert_eq!(render_timestamp(&t), chrono_way(&t), "{micros}");
+            micros += step * 997;
+        }
+        for t in [
+            Utc.with_ymd_and_hms(2026, 11, 26, 0, 0, 0).unwrap(),
+            Utc.timestamp_micros(1_764_115_200_000_001).unwrap(),
+            Utc.timestamp_micros(1_764_115_200_999_999).unwrap(),
+            Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap(),
+            Utc.with_ymd_and_hms(0, 1, 1, 0, 0, 0).unwrap(),
+        ] {
+            assert_eq!(render_timestamp(&t), chrono_way(&t));
+        }
+    }
+
     #[test]
     fn depth_is_counted_outside_strings_only() {
         use super::check_depth;
