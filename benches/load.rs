@@ -1569,4 +1569,8 @@ fn main() {
             None => println!("python way:         failed (see above)"),
         }
     }
+    // A run that lost anything is not a figure (and fails CI's smoke run).
+    assert!(status.success(), "the daemon exited with {status}");
+    assert_eq!(rejected, 0, "frames were rejected");
+    assert!(sizes.rows > 0, "no snapshot was written");
 }
