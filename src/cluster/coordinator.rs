@@ -25,7 +25,7 @@
 //!   waits for a row lock at most one heartbeat. Lease times are
 //!   `clock_timestamp()`, not the start of a statement that may have waited.
 //! * **Gaining** one: the feed notices, wakes the partition's workflows
-//!   that have events beyond their latest snapshot, and reads the
+//!   that their latest snapshot does not cover exactly, and reads the
 //!   partition's new events from then on.
 
 use super::lease;

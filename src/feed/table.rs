@@ -26,11 +26,12 @@
 //!   snapshot covers is still held by a live actor, which snapshots it at
 //!   its thresholds, at passivation or at shutdown; if the daemon dies
 //!   (`kill -9`) first, the next start finds it by asking the table which
-//!   entities have events beyond their latest snapshot (catch-up, below).
+//!   entities their latest snapshot does not cover (catch-up, below).
 //!   So the cursor can move as soon as events are handed over, and nothing
 //!   behind it is lost.
 //! * **Catch-up.** At start, every entity with events after the feed's
-//!   origin and beyond its latest snapshot is woken: its actor hydrates
+//!   origin that its latest snapshot does not cover exactly (events beyond
+//!   it, or an event committed late below it) is woken: its actor hydrates
 //!   from the snapshot plus the table and applies the thresholds at once,
 //!   the time threshold counted from the snapshot's `created_at` (so a
 //!   quiet workflow whose events are already due is snapshotted without
@@ -42,7 +43,7 @@
 //! * **In a cluster** (`crate::cluster`) each node reads only the partitions
 //!   it owns, from where the table ended when it started; the saved cursor
 //!   row keeps only the cluster's origin. When the node takes a partition,
-//!   the partition's workflows with events beyond their latest snapshot are
+//!   the partition's workflows their latest snapshot does not cover are
 //!   woken (catch-up, as at a start): everything of it before the cursor is
 //!   committed and reaches their hydration, everything after is read.
 //!   Nothing is lost when a node dies: catch-up asks the table, not the
@@ -212,7 +213,7 @@ impl TableFeed {
         if !uncovered.is_empty() {
             tracing::info!(
                 entities = uncovered.len(),
-                "Catching up: entities with events beyond their latest snapshot."
+                "Catching up: entities their latest snapshot does not cover exactly."
             );
         }
         for key in uncovered {
@@ -320,7 +321,7 @@ impl TableFeed {
             tracing::info!(
                 partitions = ?taken,
                 entities = uncovered.len(),
-                "Catching up taken partitions: workflows with events beyond their latest snapshot."
+                "Catching up taken partitions: workflows their latest snapshot does not cover exactly."
             );
             for key in uncovered {
                 let _ = self.router.cast(RouterMsg::Wake {
