@@ -558,6 +558,23 @@ impl Daemon {
             .collect()
     }
 
+    /// One command on its own connection; its reply, or `None` when none
+    /// came within `wait` (the caller then shows the daemon's log).
+    pub fn try_command(
+        &self,
+        command: serde_json::Value,
+        wait: std::time::Duration,
+    ) -> Option<serde_json::Value> {
+        use std::io::{BufRead, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket).ok()?;
+        stream.set_read_timeout(Some(wait)).ok()?;
+        stream.write_all(command.to_string().as_bytes()).ok()?;
+        stream.write_all(b"\n").ok()?;
+        let mut line = String::new();
+        std::io::BufReader::new(stream).read_line(&mut line).ok()?;
+        serde_json::from_str(&line).ok()
+    }
+
     /// One command on its own connection; its reply.
     pub fn command(&self, command: serde_json::Value) -> serde_json::Value {
         let mut replies = self.converse(&[command.to_string().into_bytes()]);
