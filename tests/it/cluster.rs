@@ -231,6 +231,20 @@ fn stop_all(mut nodes: Vec<Daemon>) {
     assert!(status.success(), "{}", last.log());
 }
 
+/// How every cluster test ends: the running nodes keep up (each workflow
+/// within one interval of its events), all stop cleanly, then every
+/// workflow is covered exactly, the write log shows one writer per
+/// partition at a time, and stabilize checks every row (at least
+/// `min_rows`). Returns the number of writes logged.
+async fn end_and_check(backend: &Backend, nodes: Vec<Daemon>, min_rows: usize) -> i64 {
+    wait_all_covered(backend, &nodes.iter().collect::<Vec<_>>(), 4).await;
+    stop_all(nodes);
+    wait_all_covered(backend, &[], 0).await;
+    let writes = assert_one_writer_per_partition(backend).await;
+    verify(backend, min_rows);
+    writes
+}
+
 /// The write log shows one writer at a time per partition: no epoch is
 /// written by two nodes, and nothing is written under an epoch after a
 /// newer epoch of the same partition was written.
@@ -335,15 +349,11 @@ async fn three_nodes_share_the_partitions_and_survive_a_kill_9() {
     .unwrap();
     eprintln!("first snapshot of a dead node's partition: {first:.2} s after kill -9");
     record(&backend, root.path(), 80, 3);
-    wait_all_covered(&backend, &[&n1, &n3], 4).await;
     let acquired = stats(&n1)["partitions_acquired"].as_u64().unwrap()
         + stats(&n3)["partitions_acquired"].as_u64().unwrap();
     assert!(acquired >= 64, "{acquired}");
-    stop_all(vec![n1, n3]);
-    wait_all_covered(&backend, &[], 0).await;
-    let writes = assert_one_writer_per_partition(&backend).await;
+    let writes = end_and_check(&backend, vec![n1, n3], 240).await;
     assert!(writes > 100, "{writes} writes logged");
-    verify(&backend, 240);
 }
 
 /// The database's clock, which the write log's times come from.
@@ -421,11 +431,8 @@ async fn a_frozen_node_writes_nothing_for_the_partitions_it_lost() {
     // It rejoins and gets its share again.
     wait_balanced(&[&n1, &n2, &n3], 64 / 3 - 2, 30);
     record(&backend, root.path(), 80, 13);
-    wait_all_covered(&backend, &[&n1, &n2, &n3], 4).await;
-    stop_all(vec![n3, n1, n2]);
-    wait_all_covered(&backend, &[], 0).await;
-    assert_one_writer_per_partition(&backend).await;
-    verify(&backend, 240);
+    // The node that was frozen stops first: the last one is synced.
+    end_and_check(&backend, vec![n3, n1, n2], 240).await;
 }
 
 /// A fourth node joins mid-stream and takes its share; then one node stops
@@ -462,11 +469,7 @@ async fn a_node_joins_and_another_leaves_mid_stream_without_a_gap() {
         left.elapsed().as_millis()
     );
     finished(background);
-    wait_all_covered(&backend, &[&n1, &n3, &n4], 4).await;
-    stop_all(vec![n1, n3, n4]);
-    wait_all_covered(&backend, &[], 0).await;
-    assert_one_writer_per_partition(&backend).await;
-    verify(&backend, 700);
+    end_and_check(&backend, vec![n1, n3, n4], 700).await;
 }
 
 /// An event committed late, below a snapshot's sequence, while no node read
