@@ -255,7 +255,7 @@ impl Store {
                 let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .bind(cursor.sequence)
                     .bind(limit)
-                    .bind(only.map(|p| p.owned.clone()))
+                    .bind(only.map(|p| p.owned.as_slice()))
                     .fetch_all(s.pool())
                     .await
                     .map_err(op)?;
@@ -282,7 +282,7 @@ impl Store {
                     .bind(cursor.sequence)
                     .bind(frontier.xid.to_string())
                     .bind(limit)
-                    .bind(only.map(|p| p.owned.clone()))
+                    .bind(only.map(|p| p.owned.as_slice()))
                     .fetch_all(s.pool())
                     .await
                     .map_err(op)?;
@@ -305,7 +305,7 @@ impl Store {
                 let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .bind(cursor.sequence)
                     .bind(limit)
-                    .bind(only.map(|p| p.owned.clone()))
+                    .bind(only.map(|p| p.owned.as_slice()))
                     .fetch_all(s.pool())
                     .await
                     .map_err(op)?;
@@ -418,7 +418,7 @@ impl Store {
         let pairs: Vec<(String, String)> = match (self, by_workflow) {
             (Store::Postgres(s), true) => sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(after_sequence)
-                .bind(only.map(|p| p.owned.clone()))
+                .bind(only.map(|p| p.owned.as_slice()))
                 .fetch_all(s.pool())
                 .await
                 .map_err(op)?,
