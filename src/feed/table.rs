@@ -55,8 +55,8 @@
 
 use crate::actors::messages::RouterMsg;
 use crate::cluster::ownership::Ownership;
-use crate::model::Fence;
 use crate::model::event::Event;
+use crate::model::{EntityKey, Fence};
 use crate::reducer::Reducer;
 use crate::settings::FeedSettings;
 use crate::stats::Stats;
@@ -216,12 +216,7 @@ impl TableFeed {
                 "Catching up: entities their latest snapshot does not cover exactly."
             );
         }
-        for key in uncovered {
-            let _ = self.router.cast(RouterMsg::Wake {
-                connection: FEED_CONNECTION,
-                key,
-            });
-        }
+        self.wake(uncovered);
         tracing::info!(order = ?order, cursor = ?cursor, "Following stabilize's events table.");
         Ok(Follower {
             order,
@@ -323,12 +318,7 @@ impl TableFeed {
                 entities = uncovered.len(),
                 "Catching up taken partitions: workflows their latest snapshot does not cover exactly."
             );
-            for key in uncovered {
-                let _ = self.router.cast(RouterMsg::Wake {
-                    connection: FEED_CONNECTION,
-                    key,
-                });
-            }
+            self.wake(uncovered);
         }
         follower.only = Some(Partitions {
             owned,
@@ -336,6 +326,17 @@ impl TableFeed {
         });
         follower.leases = held;
         Ok(())
+    }
+
+    /// Catch-up: start these entities' actors (they hydrate from the table
+    /// and apply their thresholds); a later sync waits for them.
+    fn wake(&self, keys: Vec<EntityKey>) {
+        for key in keys {
+            let _ = self.router.cast(RouterMsg::Wake {
+                connection: FEED_CONNECTION,
+                key,
+            });
+        }
     }
 
     fn failed(&self, error: &StoreError) {
