@@ -5,14 +5,19 @@
 //! ```sh
 //! cargo bench --bench fold
 //! cargo bench --bench fold -- canonical   # one group
+//! # Instructions, which do not vary between runs as times do on a shared
+//! # machine: the `workflow` group's work, N times, under cachegrind.
+//! FOLD_INSTRUCTIONS=20 valgrind --tool=cachegrind --cache-sim=no \
+//!     --cachegrind-out-file=/dev/null target/release/deps/fold-<hash>
 //! ```
 //! The end-to-end figures are `benches/load.rs`'s; these say where the time
 //! of one event goes.
 
-use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group};
 use serde_json::{Map, Value, json};
 use snapshotd::model::canonical::NumberForm;
 use snapshotd::model::event::{Event, Frame, Limits, decode};
+use snapshotd::model::ledger::Ledger;
 use snapshotd::model::{EntityKey, EntityType, PreparedSnapshot};
 use snapshotd::reducer::Reducer;
 use std::hint::black_box;
@@ -207,5 +212,42 @@ fn canonical(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decoding, reducing, canonical);
-criterion_main!(benches);
+/// What the daemon does with each line of a workflow before any snapshot:
+/// decode it and hand it to the entity's ledger (duplicate check, fold).
+fn fold_workflow(lines: &[String]) -> Ledger {
+    let reducer = Reducer::Stabilize;
+    let mut ledger = Ledger::new(reducer, reducer.initial(&key()));
+    for text in lines {
+        ledger.receive(&event(text), true);
+    }
+    ledger
+}
+
+fn workflow_fold(c: &mut Criterion) {
+    let lines = workflow(57);
+    let mut group = c.benchmark_group("workflow");
+    group.throughput(Throughput::Elements(lines.len() as u64));
+    group.bench_function(format!("decode + ledger, {} events", lines.len()), |b| {
+        b.iter(|| fold_workflow(black_box(&lines)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decoding, reducing, canonical, workflow_fold);
+
+fn main() {
+    if let Some(times) = std::env::var_os("FOLD_INSTRUCTIONS") {
+        let times: usize = times
+            .to_str()
+            .and_then(|t| t.parse().ok())
+            .expect("FOLD_INSTRUCTIONS=N");
+        let lines = workflow(57);
+        for _ in 0..times {
+            black_box(fold_workflow(black_box(&lines)));
+        }
+        println!("folded {} events {times} times", lines.len());
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
