@@ -218,7 +218,7 @@ fn fold_workflow(lines: &[String]) -> Ledger {
     let reducer = Reducer::Stabilize;
     let mut ledger = Ledger::new(reducer, reducer.initial(&key()));
     for text in lines {
-        ledger.receive(&event(text), true);
+        ledger.receive(event(text), true);
     }
     ledger
 }

@@ -223,7 +223,7 @@ impl PolicyState {
         match msg {
             PolicyMsg::Hydrate => unreachable!("handled by the actor"),
             PolicyMsg::Event(event, _permit) => {
-                self.receive(myself, event);
+                self.receive(myself, *event);
                 self.after_change(myself).await;
             }
             PolicyMsg::Barrier(reply) => {
@@ -340,11 +340,12 @@ impl PolicyState {
                 .store
                 .workflow_events(&workflow_id, snap_seq, upto)
                 .await?;
-            for event in &after {
+            let first_at = after.first().map(|first| first.timestamp);
+            for event in after {
                 self.fold(event);
             }
-            if let Some(first) = after.first() {
-                self.first_pending_at = Some(self.instant_at(first.timestamp));
+            if let Some(first_at) = first_at {
+                self.first_pending_at = Some(self.instant_at(first_at));
             }
             if self.ledger.window_len() > 0 {
                 self.workflow_id.get_or_insert(workflow_id);
@@ -403,7 +404,7 @@ impl PolicyState {
     }
 
     /// Fold an event known to be new (the table's, in sequence order).
-    fn fold(&mut self, event: &Event) {
+    fn fold(&mut self, event: Event) {
         if self.ledger.window_len() == 0 {
             self.first_pending_at = Some(Instant::now());
         }
@@ -412,13 +413,13 @@ impl PolicyState {
 
     /// File one arriving event: the ledger folds it, drops it as a
     /// duplicate, or leaves it to the table to settle.
-    fn receive(&mut self, myself: &ActorRef<PolicyMsg>, event: Box<Event>) {
+    fn receive(&mut self, myself: &ActorRef<PolicyMsg>, event: Event) {
         self.last_event_at = Instant::now();
         if self.workflow_id.is_none() {
             self.workflow_id = Some(event.workflow_id.clone());
         }
         let table = self.config().events_table.known();
-        match self.ledger.receive(&event, table) {
+        match self.ledger.receive(event, table) {
             Receipt::Duplicate => {
                 self.args.stats.events_duplicate.inc();
             }
@@ -558,10 +559,10 @@ impl PolicyState {
             .await?;
         let from_start = base.is_none();
         let base = base.unwrap_or_else(|| self.config().reducer.initial(&self.args.key));
-        self.ledger.refold(base, from_start, &events);
         if !events.is_empty() {
             self.first_pending_at = Some(Instant::now());
         }
+        self.ledger.refold(base, from_start, events);
         self.args.stats.rebuilds.inc();
         Ok(())
     }
@@ -652,7 +653,7 @@ impl PolicyState {
             .workflow_events(workflow_id, 0, upto)
             .await?;
         let initial = self.config().reducer.initial(&self.args.key);
-        self.ledger.replay(initial, &events, upto);
+        self.ledger.replay(initial, events, upto);
         self.first_pending_at = None;
         self.args.stats.rebuilds.inc();
         Ok(())

@@ -374,6 +374,9 @@ pub fn normalize_value(value: &mut Value) -> Result<(), CanonicalError> {
 pub fn normalize_value_as(value: &mut Value, form: NumberForm) -> Result<(), CanonicalError> {
     match value {
         Value::Number(n) => {
+            if kept_as_is(n.as_str(), form) {
+                return Ok(());
+            }
             let normalized = normalize_number_as(n.as_str(), form)?;
             if normalized != n.as_str() {
                 *n = Number::from_string_unchecked(normalized);
@@ -392,6 +395,25 @@ pub fn normalize_value_as(value: &mut Value, form: NumberForm) -> Result<(), Can
             Ok(())
         }
         Value::Null | Value::Bool(_) => Ok(()),
+    }
+}
+
+/// Whether a short literal (as the JSON parser accepted it) is already in
+/// `form`, which saves the allocating normalisation for most numbers:
+/// integers other than `-0` in both forms, and decimals without exponent
+/// other than a negative zero in the JSONB form (JSONB keeps their scale;
+/// Python would reprint a float).
+fn kept_as_is(literal: &str, form: NumberForm) -> bool {
+    if literal.len() > 20 || literal.contains(['e', 'E']) {
+        return false;
+    }
+    let digits = literal.strip_prefix('-').unwrap_or(literal);
+    if literal.starts_with('-') && digits.bytes().all(|b| b == b'0' || b == b'.') {
+        return false; // negative zero loses its sign
+    }
+    match form {
+        NumberForm::Jsonb => true,
+        NumberForm::Python => !digits.contains('.'),
     }
 }
 
@@ -498,6 +520,46 @@ fn write_string(out: &mut String, s: &str) -> Result<(), CanonicalError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A JSON number literal as the parser accepts it.
+    fn json_number() -> impl Strategy<Value = String> {
+        (
+            any::<bool>(),
+            "(0|[1-9][0-9]{0,24})",
+            proptest::option::of("[0-9]{1,8}"),
+            proptest::option::of("[eE][+-]?[0-9]{1,3}"),
+        )
+            .prop_map(|(negative, int, frac, exp)| {
+                let sign = if negative { "-" } else { "" };
+                let frac = frac.map(|f| format!(".{f}")).unwrap_or_default();
+                format!("{sign}{int}{frac}{}", exp.unwrap_or_default())
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn a_literal_kept_as_is_is_what_normalising_gives(literal in json_number()) {
+            for form in [NumberForm::Jsonb, NumberForm::Python] {
+                if kept_as_is(&literal, form) {
+                    let normalized = normalize_number_as(&literal, form);
+                    prop_assert_eq!(normalized.as_deref(), Ok(&*literal));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn short_plain_literals_skip_normalising_and_zeros_do_not() {
+        assert!(kept_as_is("17", NumberForm::Python));
+        assert!(kept_as_is("-1234.50", NumberForm::Jsonb));
+        assert!(!kept_as_is("-1234.50", NumberForm::Python));
+        for zero in ["-0", "-0.0", "-0.000"] {
+            assert!(!kept_as_is(zero, NumberForm::Jsonb), "{zero}");
+        }
+        assert!(!kept_as_is("1e5", NumberForm::Jsonb));
+        assert!(!kept_as_is("123456789012345678901", NumberForm::Jsonb));
+    }
 
     fn norm(s: &str) -> String {
         normalize_number(s).unwrap()

@@ -122,8 +122,9 @@ struct Envelope<'a> {
     entity_id: Option<&'a RawValue>,
     #[serde(borrow)]
     workflow_id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    data: Option<&'a RawValue>,
+    /// Parsed with the envelope: a payload is read once, not skipped and
+    /// read again.
+    data: Option<Value>,
     #[serde(borrow)]
     schema_version: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -155,7 +156,7 @@ pub fn decode(line: &[u8], limits: Limits) -> Result<Frame, DecodeError> {
     if let Some(op) = env.op {
         return decode_command(op, &env).map(Frame::Command);
     }
-    decode_event(&env, limits.numbers).map(Frame::Event)
+    decode_event(env, limits.numbers).map(Frame::Event)
 }
 
 fn decode_command(op: &RawValue, env: &Envelope) -> Result<Command, DecodeError> {
@@ -195,7 +196,7 @@ fn decode_command(op: &RawValue, env: &Envelope) -> Result<Command, DecodeError>
     }
 }
 
-fn decode_event(env: &Envelope, numbers: NumberForm) -> Result<Event, DecodeError> {
+fn decode_event(env: Envelope, numbers: NumberForm) -> Result<Event, DecodeError> {
     let event_type = string_field("event_type", required("event_type", env.event_type)?)?;
     if event_type.is_empty() {
         return Err(DecodeError::Invalid(
@@ -223,20 +224,16 @@ fn decode_event(env: &Envelope, numbers: NumberForm) -> Result<Event, DecodeErro
     let workflow_id = string_field("workflow_id", required("workflow_id", env.workflow_id)?)?;
     check_id(&workflow_id).map_err(|e| id_error("workflow_id", e))?;
     let data = match env.data {
-        None => Map::new(),
-        Some(raw) => match serde_json::from_str::<Value>(raw.get()) {
-            Ok(Value::Object(mut map)) => {
-                let mut value = Value::Object(std::mem::take(&mut map));
-                normalize_value_as(&mut value, numbers).map_err(|e| canonical_error("data", e))?;
-                match value {
-                    Value::Object(map) => map,
-                    _ => unreachable!("normalising keeps the object"),
-                }
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(map)) => {
+            let mut value = Value::Object(map);
+            normalize_value_as(&mut value, numbers).map_err(|e| canonical_error("data", e))?;
+            match value {
+                Value::Object(map) => map,
+                _ => unreachable!("normalising keeps the object"),
             }
-            Ok(Value::Null) => Map::new(),
-            Ok(_) => return Err(DecodeError::Invalid("data", "must be a JSON object".into())),
-            Err(e) => return Err(DecodeError::Invalid("data", e.to_string())),
-        },
+        }
+        Some(_) => return Err(DecodeError::Invalid("data", "must be a JSON object".into())),
     };
     let schema_version = match env.schema_version {
         None => 1,

@@ -151,7 +151,7 @@ impl Ledger {
 
     /// File an arriving event. `table`: stabilize's events table can
     /// settle what the ledger cannot.
-    pub fn receive(&mut self, event: &Event, table: bool) -> Receipt {
+    pub fn receive(&mut self, event: Event, table: bool) -> Receipt {
         let seq = event.sequence;
         if self.window.binary_search(&seq).is_ok() || self.folded.binary_search(&seq).is_ok() {
             return Receipt::Duplicate;
@@ -175,14 +175,16 @@ impl Ledger {
     }
 
     /// Fold an event known to be new (from the table, in sequence order).
-    pub fn fold(&mut self, event: &Event) {
+    pub fn fold(&mut self, event: Event) {
         insert_sorted(&mut self.window, event.sequence);
-        self.reducer.fold(&mut self.state, event);
-        if let Some(replay) = &mut self.replay {
-            if replay.events.len() < REPLAY_MAX_EVENTS {
-                replay.events.push(event.clone());
-            } else {
+        match &mut self.replay {
+            Some(replay) if replay.events.len() < REPLAY_MAX_EVENTS => {
+                self.reducer.fold(&mut self.state, &event);
+                replay.events.push(event);
+            }
+            _ => {
                 self.replay = None;
+                self.reducer.fold_owned(&mut self.state, event);
             }
         }
     }
@@ -226,7 +228,7 @@ impl Ledger {
     /// Re-fold the window in sequence order: `base` is the last snapshot's
     /// state (at [`Self::snapshot_position`]) and `events` the table's after
     /// it; or, `from_start`, the reducer's initial state and every event.
-    pub fn refold(&mut self, base: Map<String, Value>, from_start: bool, events: &[Event]) {
+    pub fn refold(&mut self, base: Map<String, Value>, from_start: bool, events: Vec<Event>) {
         if from_start {
             self.snap_version = 0;
             self.snap_seq = 0;
@@ -243,18 +245,18 @@ impl Ledger {
     /// Replace everything with the table's replay of the workflow up to
     /// `upto` (`events` are all of them, in order): that becomes the
     /// snapshot position.
-    pub fn replay(&mut self, initial: Map<String, Value>, events: &[Event], upto: i64) {
+    pub fn replay(&mut self, initial: Map<String, Value>, events: Vec<Event>, upto: i64) {
         self.replay = None;
         self.state = initial;
         self.folded.clear();
         self.window.clear();
-        for event in events {
-            self.reducer.fold(&mut self.state, event);
-            self.folded.push(event.sequence);
-        }
-        self.forgotten_upto = 0;
         self.snap_version = events.len() as i32;
         self.snap_seq = events.last().map_or(upto, |e| e.sequence.max(upto));
+        for event in events {
+            self.folded.push(event.sequence);
+            self.reducer.fold_owned(&mut self.state, event);
+        }
+        self.forgotten_upto = 0;
         self.dirty = false;
     }
 
@@ -315,35 +317,35 @@ mod tests {
     fn in_order_events_fold_and_a_resend_is_a_duplicate() {
         let mut l = ledger();
         assert_eq!(
-            l.receive(&event(1), true),
+            l.receive(event(1), true),
             Receipt::Folded {
                 late: false,
                 first: true
             }
         );
         assert_eq!(
-            l.receive(&event(2), true),
+            l.receive(event(2), true),
             Receipt::Folded {
                 late: false,
                 first: false
             }
         );
-        assert_eq!(l.receive(&event(2), true), Receipt::Duplicate);
+        assert_eq!(l.receive(event(2), true), Receipt::Duplicate);
         assert_eq!(l.next_position(), Some((2, 2)));
         assert!(!l.is_dirty());
         l.settle((2, 2), None);
         assert_eq!(l.next_position(), None);
-        assert_eq!(l.receive(&event(1), false), Receipt::Duplicate);
+        assert_eq!(l.receive(event(1), false), Receipt::Duplicate);
         assert_eq!(keys(&l), ["s1", "s2"]);
     }
 
     #[test]
     fn an_event_out_of_order_makes_the_ledger_dirty_until_refolded() {
         let mut l = ledger();
-        l.receive(&event(1), true);
-        l.receive(&event(3), true);
+        l.receive(event(1), true);
+        l.receive(event(3), true);
         assert_eq!(
-            l.receive(&event(2), true),
+            l.receive(event(2), true),
             Receipt::Folded {
                 late: true,
                 first: false
@@ -353,7 +355,7 @@ mod tests {
         // Version counts events; the sequence is the newest.
         assert_eq!(l.next_position(), Some((3, 3)));
         let initial = Reducer::Merge.initial(&EntityKey::new(EntityType::Task, "t"));
-        l.refold(initial, true, &[event(1), event(2), event(3)]);
+        l.refold(initial, true, vec![event(1), event(2), event(3)]);
         assert!(!l.is_dirty());
         assert_eq!(l.next_position(), Some((3, 3)));
     }
@@ -366,20 +368,20 @@ mod tests {
         };
         l.start_from(base, 4, 5);
         // With the table: the table decides, nothing is folded.
-        assert_eq!(l.receive(&event(3), true), Receipt::Settle);
+        assert_eq!(l.receive(event(3), true), Receipt::Settle);
         assert_eq!(l.window_len(), 0);
         // Without: covered by the snapshot started from.
-        assert_eq!(l.receive(&event(3), false), Receipt::Duplicate);
-        l.receive(&event(6), false);
+        assert_eq!(l.receive(event(3), false), Receipt::Duplicate);
+        l.receive(event(6), false);
         l.settle(l.next_position().unwrap(), None);
         assert_eq!(l.snapshot_position(), (5, 6));
         // Never seen, above what the start covered, below the snapshot:
         // folded late without a table.
         let mut l2 = ledger();
-        l2.receive(&event(2), false);
+        l2.receive(event(2), false);
         l2.settle((1, 2), None);
         assert_eq!(
-            l2.receive(&event(1), false),
+            l2.receive(event(1), false),
             Receipt::Folded {
                 late: true,
                 first: true
@@ -391,8 +393,8 @@ mod tests {
     #[test]
     fn after_disorder_the_window_refolds_in_memory_like_the_table_would() {
         let mut l = ledger();
-        l.receive(&event(2), true);
-        l.receive(&event(1), true); // out of order: from now on, keep
+        l.receive(event(2), true);
+        l.receive(event(1), true); // out of order: from now on, keep
         assert!(!l.can_refold_in_memory(), "nothing kept before a snapshot");
         l.settle(l.next_position().unwrap(), Some(64));
         assert!(l.can_refold_in_memory());
@@ -402,9 +404,9 @@ mod tests {
             e.data.insert("k".into(), json!(seq));
             e
         };
-        l.receive(&set(5), true);
-        l.receive(&set(3), true);
-        l.receive(&set(3), true); // a duplicate is not kept twice
+        l.receive(set(5), true);
+        l.receive(set(3), true);
+        l.receive(set(3), true); // a duplicate is not kept twice
         assert!(l.is_dirty());
         assert_eq!(l.state()["k"], json!(3), "arrival order before the refold");
         assert_eq!(l.window_sequences(), [3, 5]);
@@ -415,7 +417,7 @@ mod tests {
         assert_eq!(l.next_position(), Some((4, 5)));
         // A table replay forgets what was kept until the next snapshot.
         let initial = Reducer::Merge.initial(&EntityKey::new(EntityType::Task, "t"));
-        l.replay(initial, &[event(1)], 1);
+        l.replay(initial, vec![event(1)], 1);
         assert!(!l.can_refold_in_memory());
         assert!(!l.refold_in_memory());
     }
@@ -424,22 +426,22 @@ mod tests {
     fn trimming_forgets_old_sequences_but_still_counts_them_covered() {
         let mut l = ledger();
         for seq in 1..=30 {
-            l.receive(&event(seq), false);
+            l.receive(event(seq), false);
         }
         l.settle(l.next_position().unwrap(), Some(5));
         assert_eq!(l.snapshot_position(), (30, 30));
         // Forgotten but at or below what was settled: duplicates anyway.
-        assert_eq!(l.receive(&event(1), false), Receipt::Duplicate);
-        assert_eq!(l.receive(&event(29), false), Receipt::Duplicate);
+        assert_eq!(l.receive(event(1), false), Receipt::Duplicate);
+        assert_eq!(l.receive(event(29), false), Receipt::Duplicate);
     }
 
     #[test]
     fn a_replay_becomes_the_snapshot_position_and_covers_checks_counts() {
         let mut l = ledger();
         assert!(l.covers(0), "no snapshot yet: nothing to contradict");
-        l.receive(&event(9), true);
+        l.receive(event(9), true);
         let initial = Reducer::Merge.initial(&EntityKey::new(EntityType::Task, "t"));
-        l.replay(initial, &[event(2), event(4), event(9)], 9);
+        l.replay(initial, vec![event(2), event(4), event(9)], 9);
         assert_eq!(l.snapshot_position(), (3, 9));
         assert_eq!(l.next_position(), None);
         assert!(l.covers(3));

@@ -5,28 +5,33 @@ use serde_json::{Map, Value};
 
 /// Apply `event.data` as a merge patch to `state`.
 pub fn apply(state: &mut Map<String, Value>, event: &Event) {
-    merge_object(state, &event.data);
+    merge_owned(state, event.data.clone());
 }
 
-fn merge_object(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
+/// [`apply`], moving the patch's values into the state.
+pub fn apply_owned(state: &mut Map<String, Value>, event: Event) {
+    merge_owned(state, event.data);
+}
+
+fn merge_owned(target: &mut Map<String, Value>, patch: Map<String, Value>) {
     for (key, value) in patch {
         match value {
             Value::Null => {
-                target.remove(key);
+                target.remove(&key);
             }
             Value::Object(inner) => {
                 let slot = target
-                    .entry(key.clone())
+                    .entry(key)
                     .or_insert_with(|| Value::Object(Map::new()));
                 if !slot.is_object() {
                     *slot = Value::Object(Map::new());
                 }
                 if let Value::Object(slot) = slot {
-                    merge_object(slot, inner);
+                    merge_owned(slot, inner);
                 }
             }
             other => {
-                target.insert(key.clone(), other.clone());
+                target.insert(key, other);
             }
         }
     }
@@ -41,7 +46,7 @@ mod tests {
         let (Value::Object(mut t), Value::Object(p)) = (target, patch) else {
             panic!("objects only")
         };
-        merge_object(&mut t, &p);
+        merge_owned(&mut t, p);
         Value::Object(t)
     }
 

@@ -48,4 +48,13 @@ impl Reducer {
             Reducer::Merge => merge::apply(state, event),
         }
     }
+
+    /// [`Self::fold`] an event no longer needed: its values are moved into
+    /// the state instead of copied.
+    pub fn fold_owned(self, state: &mut Map<String, Value>, event: Event) {
+        match self {
+            Reducer::Stabilize => stabilize::apply_owned(state, event),
+            Reducer::Merge => merge::apply_owned(state, event),
+        }
+    }
 }

@@ -27,15 +27,45 @@ pub fn initial(workflow_id: &str) -> Map<String, Value> {
     state
 }
 
+/// Where a rule reads the event's `data` from: a borrowed event's values
+/// are cloned, an owned event's are moved into the state (no rule reads a
+/// key twice, so taking is safe).
+pub trait Data {
+    /// `data[key]`, if present.
+    fn take(&mut self, key: &str) -> Option<Value>;
+}
+
+impl Data for &Map<String, Value> {
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.get(key).cloned()
+    }
+}
+
+impl Data for Map<String, Value> {
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.remove(key)
+    }
+}
+
 /// `EventReplayer._apply_event`.
 pub fn apply(state: &mut Map<String, Value>, event: &Event) {
+    apply_with(state, event, &mut &event.data);
+}
+
+/// [`apply`], moving `data`'s values into the state.
+pub fn apply_owned(state: &mut Map<String, Value>, mut event: Event) {
+    let mut data = std::mem::take(&mut event.data);
+    apply_with(state, &event, &mut data);
+}
+
+fn apply_with(state: &mut Map<String, Value>, event: &Event, data: &mut impl Data) {
     if event.schema_version > CURRENT_SCHEMA_VERSION {
         return; // Written by a newer build: skipped, still counted by the caller.
     }
     match event.entity_type {
-        EntityType::Workflow => apply_workflow(state, event),
-        EntityType::Stage => apply_child(state, "stages", event),
-        EntityType::Task => apply_child(state, "tasks", event),
+        EntityType::Workflow => apply_workflow(state, event, data),
+        EntityType::Stage => apply_child(state, "stages", event, data),
+        EntityType::Task => apply_child(state, "tasks", event, data),
     }
 }
 
@@ -48,42 +78,42 @@ fn text(s: &str) -> Value {
 }
 
 /// `data.get(key, default)`.
-fn get_or(event: &Event, key: &str, default: Value) -> Value {
-    event.data.get(key).cloned().unwrap_or(default)
+fn get_or(data: &mut impl Data, key: &str, default: Value) -> Value {
+    data.take(key).unwrap_or(default)
 }
 
 /// `dict.update(data["context"])` when the key is present.
-fn merge_context(state: &mut Map<String, Value>, event: &Event) {
-    if let Some(Value::Object(update)) = event.data.get("context")
+fn merge_context(state: &mut Map<String, Value>, data: &mut impl Data) {
+    if let Some(Value::Object(update)) = data.take("context")
         && let Some(Value::Object(context)) = state.get_mut("context")
     {
         for (k, v) in update {
-            context.insert(k.clone(), v.clone());
+            context.insert(k, v);
         }
     }
 }
 
-fn apply_workflow(state: &mut Map<String, Value>, event: &Event) {
+fn apply_workflow(state: &mut Map<String, Value>, event: &Event, data: &mut impl Data) {
     match &*event.event_type {
         "workflow.created" => {
             state.insert(
                 "application".into(),
-                get_or(event, "application", Value::Null),
+                get_or(data, "application", Value::Null),
             );
-            state.insert("name".into(), get_or(event, "name", Value::Null));
+            state.insert("name".into(), get_or(data, "name", Value::Null));
         }
         "workflow.started" => {
             state.insert("start_time".into(), time(event));
             state.insert("status".into(), text("RUNNING"));
-            merge_context(state, event);
+            merge_context(state, data);
         }
         "workflow.completed" => {
             state.insert("end_time".into(), time(event));
-            state.insert("status".into(), get_or(event, "status", text("SUCCEEDED")));
+            state.insert("status".into(), get_or(data, "status", text("SUCCEEDED")));
         }
         "workflow.failed" => {
             state.insert("end_time".into(), time(event));
-            state.insert("status".into(), get_or(event, "status", text("TERMINAL")));
+            state.insert("status".into(), get_or(data, "status", text("TERMINAL")));
         }
         "workflow.canceled" => {
             state.insert("end_time".into(), time(event));
@@ -95,13 +125,13 @@ fn apply_workflow(state: &mut Map<String, Value>, event: &Event) {
         "workflow.resumed" => {
             state.insert("status".into(), text("RUNNING"));
         }
-        "context.updated" => merge_context(state, event),
+        "context.updated" => merge_context(state, data),
         _ => {}
     }
 }
 
 /// Stage and task events: the first event of any type creates the entry.
-fn apply_child(state: &mut Map<String, Value>, table: &str, event: &Event) {
+fn apply_child(state: &mut Map<String, Value>, table: &str, event: &Event, data: &mut impl Data) {
     let Some(Value::Object(children)) = state.get_mut(table) else {
         return;
     };
@@ -115,7 +145,7 @@ fn apply_child(state: &mut Map<String, Value>, table: &str, event: &Event) {
             &["name", "stage_id"]
         };
         for field in fields {
-            child.insert((*field).into(), get_or(event, field, Value::Null));
+            child.insert((*field).into(), get_or(data, field, Value::Null));
         }
         Value::Object(child)
     });
@@ -136,20 +166,20 @@ fn apply_child(state: &mut Map<String, Value>, table: &str, event: &Event) {
             child.insert("start_time".into(), time(event));
         }
         (_, "completed") => {
-            child.insert("status".into(), get_or(event, "status", text("SUCCEEDED")));
+            child.insert("status".into(), get_or(data, "status", text("SUCCEEDED")));
             child.insert("end_time".into(), time(event));
-            if let Some(outputs) = event.data.get("outputs") {
-                child.insert("outputs".into(), outputs.clone());
+            if let Some(outputs) = data.take("outputs") {
+                child.insert("outputs".into(), outputs);
             }
         }
         (_, "failed") => {
-            child.insert("status".into(), get_or(event, "status", text("TERMINAL")));
+            child.insert("status".into(), get_or(data, "status", text("TERMINAL")));
             child.insert("end_time".into(), time(event));
-            child.insert("error".into(), get_or(event, "error", Value::Null));
+            child.insert("error".into(), get_or(data, "error", Value::Null));
         }
         ("stage", "skipped") => {
             child.insert("status".into(), text("SKIPPED"));
-            child.insert("skip_reason".into(), get_or(event, "reason", Value::Null));
+            child.insert("skip_reason".into(), get_or(data, "reason", Value::Null));
         }
         ("stage", "canceled") => {
             child.insert("status".into(), text("CANCELED"));
@@ -162,8 +192,8 @@ fn apply_child(state: &mut Map<String, Value>, table: &str, event: &Event) {
         }
         ("task", "retried") => {
             // data.get("retry_count", task.get("retry_count", 0) + 1)
-            let count = match event.data.get("retry_count") {
-                Some(given) => Some(given.clone()),
+            let count = match data.take("retry_count") {
+                Some(given) => Some(given),
                 None => match child.get("retry_count") {
                     None => Some(Value::Number(Number::from(1))),
                     Some(Value::Number(n)) => {
@@ -247,11 +277,16 @@ mod tests {
         }
     }
 
+    /// Every test folds both ways: moving values out of owned events must
+    /// give the state cloning them from borrowed ones gives.
     fn replay(events: &[Event]) -> Value {
         let mut state = initial("wf");
+        let mut moved = initial("wf");
         for e in events {
             apply(&mut state, e);
+            apply_owned(&mut moved, e.clone());
         }
+        assert_eq!(moved, state, "owned and borrowed folds differ");
         Value::Object(state)
     }
 
