@@ -44,6 +44,7 @@ pub mod names {
     pub const STORE_UP: &str = "store_up";
     pub const WRITE_LATENCY: &str = "write_latency_seconds";
     pub const WRITE_BATCH: &str = "write_batch_size";
+    pub const SNAPSHOT_LATENCY: &str = "snapshot_latency_seconds";
     pub const WRITER_PENDING_LIMIT: &str = "writer_pending_limit";
     pub const VERIFY_CHECKED: &str = "verify_checked";
     pub const VERIFY_MISMATCH: &str = "verify_mismatch";
@@ -126,6 +127,10 @@ pub struct Stats {
     pub store_up: Gauge,
     pub write_latency: Histogram,
     pub write_batch: Histogram,
+    /// From a snapshot falling due to its commit (Prometheus).
+    pub snapshot_latency: Histogram,
+    /// The same, for the quantiles `stats` reports.
+    pub snapshot_latencies: Latencies,
     registry: Registry,
     warn_limiter: Mutex<RateLimit>,
     started: Instant,
@@ -192,6 +197,8 @@ impl Default for Stats {
             store_up: Gauge::default(),
             write_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             write_batch: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            snapshot_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            snapshot_latencies: Latencies::default(),
             registry: Registry::with_prefix(names::PREFIX),
             warn_limiter: Mutex::new(RateLimit {
                 window_start: Instant::now(),
@@ -413,6 +420,11 @@ impl Stats {
             "Snapshots per committed batch.",
             stats.write_batch.clone(),
         );
+        r.register(
+            SNAPSHOT_LATENCY,
+            "From a snapshot falling due (threshold, flush, passivation) to its commit.",
+            stats.snapshot_latency.clone(),
+        );
         stats
     }
 
@@ -436,6 +448,12 @@ impl Stats {
         self.snapshots_written.inc_by(rows);
         self.write_latency.observe(took.as_secs_f64());
         self.write_batch.observe(size as f64);
+    }
+
+    /// A snapshot that fell due `took` ago was committed.
+    pub fn snapshot_committed(&self, took: Duration) {
+        self.snapshot_latency.observe(took.as_secs_f64());
+        self.snapshot_latencies.observe(took);
     }
 
     /// `Some(suppressed since the last one)` when a rate-limited warning may
@@ -528,14 +546,121 @@ impl Stats {
             for (name, value) in more {
                 map.insert(name.to_string(), json!(value));
             }
+            map.insert("snapshot_latency".into(), self.snapshot_latencies.to_json());
         }
         all
+    }
+}
+
+/// Buckets of [`Latencies`]: a quarter of an octave wide (19%) from 100 µs
+/// up, the last one open (past 100 µs · 2^20, about 105 s).
+const LATENCY_BUCKETS: usize = 81;
+
+/// A latency distribution cheap to record from any thread, for quantiles
+/// within 19% and the exact maximum.
+#[derive(Debug)]
+pub struct Latencies {
+    buckets: Vec<std::sync::atomic::AtomicU64>,
+    max_micros: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Latencies {
+            buckets: (0..LATENCY_BUCKETS).map(|_| Default::default()).collect(),
+            max_micros: Default::default(),
+        }
+    }
+}
+
+impl Latencies {
+    fn bucket(micros: u64) -> usize {
+        if micros <= 100 {
+            return 0;
+        }
+        let quarters = ((micros as f64 / 100.0).log2() * 4.0).ceil() as usize;
+        quarters.min(LATENCY_BUCKETS - 1)
+    }
+
+    /// Upper bound of bucket `i`, in milliseconds.
+    fn upper_ms(i: usize) -> f64 {
+        0.1 * 2f64.powf(i as f64 / 4.0)
+    }
+
+    pub fn observe(&self, took: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let micros = took.as_micros().min(u128::from(u64::MAX)) as u64;
+        self.buckets[Self::bucket(micros)].fetch_add(1, Relaxed);
+        self.max_micros.fetch_max(micros, Relaxed);
+    }
+
+    /// The upper bound of the bucket holding quantile `q`, in milliseconds
+    /// (never above the maximum seen); `None` before any observation.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        let at = counts
+            .iter()
+            .position(|&n| {
+                seen += n;
+                seen >= rank
+            })
+            .unwrap_or(LATENCY_BUCKETS - 1);
+        let max = self.max_ms();
+        Some(if at == LATENCY_BUCKETS - 1 {
+            max // the open bucket
+        } else {
+            Self::upper_ms(at).min(max)
+        })
+    }
+
+    pub fn max_ms(&self) -> f64 {
+        self.max_micros.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0
+    }
+
+    pub fn count(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.buckets.iter().map(|b| b.load(Relaxed)).sum()
+    }
+
+    /// `{count, p50_ms, p99_ms, max_ms}` (quantiles null before any).
+    pub fn to_json(&self) -> Value {
+        let ms = |v: f64| (v * 1000.0).round() / 1000.0;
+        json!({
+            "count": self.count(),
+            "p50_ms": self.quantile_ms(0.5).map(ms),
+            "p99_ms": self.quantile_ms(0.99).map(ms),
+            "max_ms": ms(self.max_ms()),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_quantiles_are_bucket_bounds_within_a_fifth() {
+        let latencies = Latencies::default();
+        assert_eq!(latencies.quantile_ms(0.5), None);
+        for ms in 1..=100 {
+            latencies.observe(Duration::from_millis(ms));
+        }
+        let p50 = latencies.quantile_ms(0.5).unwrap();
+        let p99 = latencies.quantile_ms(0.99).unwrap();
+        assert!((50.0..=50.0 * 1.19).contains(&p50), "p50 {p50}");
+        assert!((99.0..=100.0).contains(&p99), "p99 {p99}");
+        assert_eq!(latencies.max_ms(), 100.0);
+        assert_eq!(latencies.count(), 100);
+        latencies.observe(Duration::from_secs(100_000));
+        assert_eq!(latencies.quantile_ms(1.0), Some(100_000_000.0));
+    }
 
     #[test]
     fn the_exposition_names_every_metric_with_the_prefix() {

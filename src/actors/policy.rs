@@ -477,6 +477,7 @@ impl PolicyState {
     /// snapshot's (version, sequence), or `None` without new events.
     async fn snapshot(&mut self) -> Option<(i32, i64)> {
         let newest = self.ledger.newest_in_window()?;
+        let due = Instant::now();
         // Folded out of order: the last snapshot plus the table's events,
         // in sequence order, instead. (Without a table, arrival order is
         // trusted; a table that appeared since is used.)
@@ -504,7 +505,7 @@ impl PolicyState {
         self.ledger.settle(position, self.trim_to());
         self.first_pending_at = None;
         self.last_snapshot_at = Some(Instant::now());
-        self.send(snapshot?).await
+        self.send(snapshot?, due).await
     }
 
     /// With the table to settle older questions, the ledger need remember
@@ -573,7 +574,7 @@ impl PolicyState {
         self.last_snapshot_at = Some(Instant::now());
         let (version, sequence) = self.ledger.snapshot_position();
         match self.prepare(version, sequence) {
-            Prepared::Ready(snapshot) => self.send(snapshot).await,
+            Prepared::Ready(snapshot) => self.send(snapshot, Instant::now()).await,
             Prepared::Unstorable | Prepared::TooLarge => None,
         }
     }
@@ -607,8 +608,9 @@ impl PolicyState {
     }
 
     /// Hand a snapshot to the writer (waiting while it holds its maximum).
-    async fn send(&mut self, mut snapshot: PreparedSnapshot) -> Option<(i32, i64)> {
+    async fn send(&mut self, mut snapshot: PreparedSnapshot, due: Instant) -> Option<(i32, i64)> {
         let taken = (snapshot.version, snapshot.sequence);
+        snapshot.due_at = Some(due.into_std());
         snapshot.first_row = std::mem::take(&mut self.no_row_yet);
         snapshot.fence = self.args.fence;
         // Waits while the writer holds its maximum: backpressure.

@@ -245,6 +245,14 @@ impl WriterState {
                 self.backoff = Duration::ZERO;
                 stats.store_up.set(1);
                 stats.batch_written(outcome.written, snapshots.len(), started.elapsed());
+                let committed_at = std::time::Instant::now();
+                for snapshot in &snapshots {
+                    let written = !outcome.fenced.contains(&snapshot.key)
+                        && !outcome.rejected.iter().any(|r| r.key == snapshot.key);
+                    if written && let Some(due) = snapshot.due_at {
+                        stats.snapshot_committed(committed_at - due);
+                    }
+                }
                 for rejected in &outcome.rejected {
                     stats.snapshots_rejected.inc();
                     tracing::error!(entity = %rejected.key, version = rejected.version, error = %rejected.reason, "Snapshot refused by the store; it is not written.");

@@ -177,6 +177,9 @@ pub struct PreparedSnapshot {
     /// In a cluster: the lease its entity was folded under. The writer
     /// commits it only while that lease is still this node's.
     pub fence: Option<Fence>,
+    /// When the snapshot fell due (a threshold crossed, a flush, a
+    /// passivation): the writer measures due → committed from it.
+    pub due_at: Option<std::time::Instant>,
 }
 
 /// A partition lease held at an epoch (`crate::cluster`): a snapshot
@@ -212,6 +215,7 @@ impl PreparedSnapshot {
             canonical_bytes: canonical.len(),
             first_row: false,
             fence: None,
+            due_at: None,
         })
     }
 

@@ -120,6 +120,14 @@ fn every_kind_of_bad_frame_is_answered_and_the_good_events_all_count() {
     let stats = &daemon.command(json!({"op": "stats"}))["stats"];
     assert_eq!(stats["events_received"], 3, "{stats}");
     assert_eq!(stats["events_invalid"], 8, "{stats}");
+    // The one snapshot taken, from falling due to its commit.
+    let latency = &stats["snapshot_latency"];
+    assert_eq!(latency["count"], 1, "{stats}");
+    assert!(latency["max_ms"].as_f64() > Some(0.0), "{stats}");
+    assert!(
+        latency["p99_ms"].as_f64() <= latency["max_ms"].as_f64(),
+        "{stats}"
+    );
     assert_eq!(daemon.command(json!({"op": "ping"}))["ok"], true);
 }
 
