@@ -40,6 +40,13 @@
 //!   `event_interval` events, into a fresh database of the same kind.
 //!   Python is `$STABILIZE_PYTHON` or `.venv/bin/python`.
 //! * `--event-interval N` [100], `--binary PATH` [target/release/snapshotd].
+//! * `--concurrency N` [all] (`stabilize` shape): at most N workflows run
+//!   at once, a new one starting as one completes, as in an engine with a
+//!   bounded worker pool; by default every workflow starts at once, so all
+//!   cross their thresholds together.
+//! * `--rate N`: send at most N events a second in all (split over the
+//!   connections), e.g. half the rate a run at full speed reached, for the
+//!   due → committed latency under a steady load.
 //! * `--fold-only`: no snapshot at all (`event_interval` above `--events`,
 //!   `shutdown.snapshot_on_shutdown = false`): what is left is reading,
 //!   decoding, routing and folding, for profiling the fold path.
@@ -84,6 +91,8 @@ struct Args {
     seed: u64,
     keep: bool,
     fold_only: bool,
+    rate: Option<u64>,
+    concurrency: usize,
 }
 
 fn parse_args() -> Args {
@@ -101,6 +110,8 @@ fn parse_args() -> Args {
         seed: 1,
         keep: false,
         fold_only: false,
+        rate: None,
+        concurrency: usize::MAX,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -127,6 +138,8 @@ fn parse_args() -> Args {
             "--seed" => args.seed = value().parse().expect("--seed N"),
             "--keep" => args.keep = true,
             "--fold-only" => args.fold_only = true,
+            "--concurrency" => args.concurrency = value().parse().expect("--concurrency N"),
+            "--rate" => args.rate = Some(value().parse().expect("--rate N (events/s)")),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -951,27 +964,39 @@ fn generate(dir: &Path, args: &Args) -> Generated {
             }
         }
         Shape::Stabilize => {
-            // 2026-11-26T03:00:00Z; every workflow starts at once and each
-            // event goes to a workflow drawn at random among the unfinished.
+            // 2026-11-26T03:00:00Z; `--concurrency` workflows run at once
+            // (all of them by default), a new one starting as one ends, and
+            // each event goes to a running workflow drawn at random.
             let mut micros: i64 = 1_795_662_000_000_000;
             let (base, extra) = (args.events / args.workflows, args.events % args.workflows);
-            let mut flows: Vec<Workflow> = (0..args.workflows as usize)
-                .map(|w| {
-                    let total = base + u64::from((w as u64) < extra);
-                    Workflow::new(args.seed, w, total, (micros / 1000) as u64)
-                })
-                .collect();
-            let mut active: Vec<usize> = (0..flows.len()).filter(|&w| !flows[w].done()).collect();
+            let total = |w: usize| base + u64::from((w as u64) < extra);
+            let mut flows: Vec<Option<Workflow>> = (0..args.workflows).map(|_| None).collect();
+            let mut started = 0;
+            let mut active: Vec<usize> = Vec::new();
             let mut rng = Rng::new(args.seed);
             let mut seq = 0;
-            while !active.is_empty() {
+            loop {
+                while active.len() < args.concurrency && started < flows.len() {
+                    let w = started;
+                    started += 1;
+                    let flow = Workflow::new(args.seed, w, total(w), (micros / 1000) as u64);
+                    if !flow.done() {
+                        active.push(w);
+                    }
+                    flows[w] = Some(flow);
+                }
+                if active.is_empty() {
+                    break;
+                }
                 let i = rng.below(active.len() as u64) as usize;
                 let w = active[i];
                 seq += 1;
                 micros += rng.range(1, 4000) as i64;
-                let ev = flows[w].next(w, seq, micros, rows);
-                if flows[w].done() {
+                let flow = flows[w].as_mut().expect("started");
+                let ev = flow.next(w, seq, micros, rows);
+                if flow.done() {
                     active.swap_remove(i);
+                    flows[w] = None;
                 }
                 sink.push(ev);
             }
@@ -1402,6 +1427,11 @@ fn main() {
                 .args(["send", "--flush", "--socket"])
                 .arg(&socket)
                 .arg(file);
+            if let Some(rate) = args.rate {
+                // The connections share the rate.
+                let each = (rate / args.connections as u64).max(1);
+                command.args(["--rate", &each.to_string()]);
+            }
             std::thread::spawn(move || command.output().expect("run snapshotd send"))
         })
         .collect();
@@ -1537,6 +1567,11 @@ fn main() {
         stats["refolds_in_memory"],
         stats["rebuilds"],
         stats["snapshots_uncovered"]
+    );
+    let latency = &stats["snapshot_latency"];
+    println!(
+        "due to committed:   p50 {} ms, p99 {} ms, max {} ms over {} snapshots (buckets of 19%; the daemon's stats)",
+        latency["p50_ms"], latency["p99_ms"], latency["max_ms"], latency["count"]
     );
     println!(
         "daemon CPU:         {cpu:.2} s to the flush = {:.1} µs an event (CLK_TCK {ticks})",

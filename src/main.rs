@@ -9,6 +9,9 @@ use std::process::ExitCode;
 
 /// mimalloc: measured faster than glibc malloc on this allocation-heavy
 /// pipeline (see the closing notes of the daemon issue; `benches/load.rs`).
+/// `--features system-alloc` builds with the system allocator instead, which
+/// heaptrack and valgrind can see into.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -37,6 +40,9 @@ enum Command {
         /// Wait until every event sent is folded and its snapshots committed.
         #[arg(long)]
         flush: bool,
+        /// Send at most N frames a second (default: as fast as the daemon reads).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        rate: Option<u64>,
         /// NDJSON file; `-` or nothing reads stdin.
         file: Option<PathBuf>,
     },
@@ -165,9 +171,9 @@ fn run(args: Args) -> Result<(), CommandError> {
             Command::Run => snapshotd::app::run(settings.clone())
                 .await
                 .map_err(CommandError::Other),
-            Command::Send { file, flush, .. } => {
-                cli::send(&settings.socket.path, file.as_deref(), flush).await
-            }
+            Command::Send {
+                file, flush, rate, ..
+            } => cli::send(&settings.socket.path, file.as_deref(), flush, rate).await,
             Command::Status { json, .. } => cli::status(&settings.socket.path, json).await,
             Command::Get {
                 entity_type,

@@ -101,10 +101,14 @@ struct ReplyTally {
 /// connection. The daemon drops no reply (it stops reading a producer that
 /// does not read instead), so the counts printed are exact unless the
 /// connection broke, which the summary then says.
+///
+/// `rate`: at most that many frames a second on average, in small steps
+/// (a steady producer rather than a replay at full speed).
 pub async fn send(
     socket: &std::path::Path,
     input: Option<&std::path::Path>,
     flush: bool,
+    rate: Option<u64>,
 ) -> Result<(), CommandError> {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 
@@ -166,7 +170,15 @@ pub async fn send(
         _ => Box::new(tokio::io::stdin()),
     };
     let mut out = BufWriter::with_capacity(256 * 1024, write_half);
-    let mut buffer = vec![0u8; 256 * 1024];
+    // Paced, each write is a few dozen frames and goes out at once.
+    let mut buffer = vec![
+        0u8;
+        if rate.is_some() {
+            16 * 1024
+        } else {
+            256 * 1024
+        }
+    ];
     let (mut frames, mut bytes, mut last) = (0u64, 0u64, b'\n');
     let write_error = |e: std::io::Error| {
         CommandError::Other(format!("writing to {} failed: {e}", socket.display()))
@@ -183,6 +195,11 @@ pub async fn send(
         bytes += n as u64;
         last = buffer[n - 1];
         out.write_all(&buffer[..n]).await.map_err(write_error)?;
+        if let Some(rate) = rate {
+            out.flush().await.map_err(write_error)?;
+            let due = started + std::time::Duration::from_secs_f64(frames as f64 / rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
     }
     if last != b'\n' {
         out.write_all(b"\n").await.map_err(write_error)?;
