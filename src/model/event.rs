@@ -7,6 +7,7 @@ use chrono::{DateTime, NaiveDateTime, Timelike, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// One event, as stabilize's `Event.to_dict()` gives it, parsed and checked.
@@ -160,14 +161,14 @@ pub fn decode(line: &[u8], limits: Limits) -> Result<Frame, DecodeError> {
 }
 
 fn decode_command(op: &RawValue, env: &Envelope) -> Result<Command, DecodeError> {
-    let op: String = string_field("op", op)?;
+    let op = string_field("op", op)?;
     let key = |env: &Envelope| -> Result<(EntityType, String), DecodeError> {
         let entity_type = parse_entity_type(required("entity_type", env.entity_type)?)?;
         let entity_id = string_field("entity_id", required("entity_id", env.entity_id)?)?;
         check_id(&entity_id).map_err(|e| id_error("entity_id", e))?;
-        Ok((entity_type, entity_id))
+        Ok((entity_type, entity_id.into_owned()))
     };
-    match op.as_str() {
+    match &*op {
         "ping" => Ok(Command::Ping),
         "flush" => {
             let snapshot = match env.snapshot.map(|raw| raw.get()) {
@@ -259,12 +260,12 @@ fn decode_event(env: Envelope, numbers: NumberForm) -> Result<Event, DecodeError
         string_field("event_id", raw)?;
     }
     Ok(Event {
-        event_type: event_type.into_boxed_str(),
+        event_type: Box::from(&*event_type),
         timestamp,
         sequence,
         entity_type,
-        entity_id: Arc::from(entity_id),
-        workflow_id: Arc::from(workflow_id),
+        entity_id: Arc::from(&*entity_id),
+        workflow_id: Arc::from(&*workflow_id),
         data,
         schema_version,
         numbers,
@@ -281,13 +282,17 @@ fn required<'a>(
     }
 }
 
-fn string_field(name: &'static str, raw: &RawValue) -> Result<String, DecodeError> {
-    let value: String = serde_json::from_str(raw.get()).map_err(|_| {
-        DecodeError::Invalid(
-            name,
-            format!("must be a string, got {}", preview(raw.get())),
-        )
-    })?;
+/// A string field, borrowed from the line unless it has escapes.
+fn string_field<'a>(name: &'static str, raw: &'a RawValue) -> Result<Cow<'a, str>, DecodeError> {
+    let value = match serde_json::from_str::<&str>(raw.get()) {
+        Ok(plain) => Cow::Borrowed(plain),
+        Err(_) => Cow::Owned(serde_json::from_str::<String>(raw.get()).map_err(|_| {
+            DecodeError::Invalid(
+                name,
+                format!("must be a string, got {}", preview(raw.get())),
+            )
+        })?),
+    };
     if value.contains('\0') {
         return Err(DecodeError::Invalid(
             name,
@@ -522,6 +527,23 @@ mod tests {
             serde_json::from_str(&format!("{{{}}}", patch.trim_start_matches(','))).unwrap();
         event.extend(patch);
         serde_json::to_string(&event).unwrap()
+    }
+
+    #[test]
+    fn escaped_envelope_strings_decode_like_plain_ones() {
+        // Plain strings are borrowed from the line, escaped ones parsed.
+        let line = r#"{"event_type":"workflow.st\u0061rted","timestamp":"2026-11-26T03:59:48.12+00:00","sequence":7,"entity_type":"work\u0066low","entity_id":"w\u0031","workflow_id":"w\u0031"}"#;
+        let Frame::Event(e) = decode(line.as_bytes(), LIMITS).unwrap() else {
+            panic!("not an event")
+        };
+        assert_eq!(&*e.event_type, "workflow.started");
+        assert_eq!(e.entity_type, EntityType::Workflow);
+        assert_eq!((&*e.entity_id, &*e.workflow_id), ("w1", "w1"));
+        let nul = event_line(r#","entity_id":"w\u0000""#);
+        assert!(matches!(
+            decode(nul.as_bytes(), LIMITS),
+            Err(DecodeError::Invalid("entity_id", _))
+        ));
     }
 
     #[test]
