@@ -141,3 +141,43 @@ fn status_prints_the_daemons_stats_and_fails_when_nobody_answers() {
         "{error}"
     );
 }
+
+#[test]
+fn send_at_a_rate_delivers_every_frame_and_refuses_a_rate_of_zero() {
+    let backend = Backend::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = crate::helpers::Daemon::start(dir.path(), &backend.url(), "");
+    let socket = daemon.socket.display().to_string();
+    let mut lines = String::new();
+    for seq in 1..=40 {
+        let event = serde_json::json!({
+            "event_type": "context.updated", "timestamp": "2026-11-26T03:59:48.120000+00:00",
+            "sequence": seq, "entity_type": "workflow", "entity_id": "paced",
+            "workflow_id": "paced", "data": {"context": {"n": seq}},
+        });
+        lines.push_str(&format!("{event}\n"));
+    }
+    let file = dir.path().join("events.ndjson");
+    std::fs::write(&file, lines).unwrap();
+    let file = file.display().to_string();
+
+    let sent = snapshotd(&[
+        "send", "--flush", "--rate", "400", "--socket", &socket, &file,
+    ]);
+    let stderr = String::from_utf8_lossy(&sent.stderr);
+    assert!(sent.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("sent 40 frames") && stderr.contains("0 rejected"),
+        "{stderr}"
+    );
+    let status = snapshotd(&["status", "--json", "--socket", &socket]);
+    let stats: serde_json::Value = serde_json::from_slice(&status.stdout).expect("JSON");
+    assert_eq!(stats["events_received"], 40, "{stats}");
+
+    let zero = snapshotd(&["send", "--rate", "0", "--socket", &socket, &file]);
+    let error = String::from_utf8_lossy(&zero.stderr);
+    assert!(
+        !zero.status.success() && error.contains("--rate"),
+        "{error}"
+    );
+}
