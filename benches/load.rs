@@ -1568,6 +1568,11 @@ fn main() {
         stats["rebuilds"],
         stats["snapshots_uncovered"]
     );
+    let commit = &stats["batch_commit"];
+    println!(
+        "batch commits:      p50 {} ms, p99 {} ms, max {} ms over {} batches",
+        commit["p50_ms"], commit["p99_ms"], commit["max_ms"], commit["count"]
+    );
     let latency = &stats["snapshot_latency"];
     println!(
         "due to committed:   p50 {} ms, p99 {} ms, max {} ms over {} snapshots (buckets of 19%; the daemon's stats)",

@@ -131,6 +131,8 @@ pub struct Stats {
     pub snapshot_latency: Histogram,
     /// The same, for the quantiles `stats` reports.
     pub snapshot_latencies: Latencies,
+    /// Batch commit times, for the quantiles `stats` reports.
+    pub write_latencies: Latencies,
     registry: Registry,
     warn_limiter: Mutex<RateLimit>,
     started: Instant,
@@ -199,6 +201,7 @@ impl Default for Stats {
             write_batch: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             snapshot_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             snapshot_latencies: Latencies::default(),
+            write_latencies: Latencies::default(),
             registry: Registry::with_prefix(names::PREFIX),
             warn_limiter: Mutex::new(RateLimit {
                 window_start: Instant::now(),
@@ -447,6 +450,7 @@ impl Stats {
     pub fn batch_written(&self, rows: u64, size: usize, took: Duration) {
         self.snapshots_written.inc_by(rows);
         self.write_latency.observe(took.as_secs_f64());
+        self.write_latencies.observe(took);
         self.write_batch.observe(size as f64);
     }
 
@@ -547,6 +551,7 @@ impl Stats {
                 map.insert(name.to_string(), json!(value));
             }
             map.insert("snapshot_latency".into(), self.snapshot_latencies.to_json());
+            map.insert("batch_commit".into(), self.write_latencies.to_json());
         }
         all
     }
