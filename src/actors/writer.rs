@@ -247,8 +247,11 @@ impl WriterState {
                 stats.batch_written(outcome.written, snapshots.len(), started.elapsed());
                 let committed_at = std::time::Instant::now();
                 for snapshot in &snapshots {
+                    // (A row skipped for a newer one already stored is
+                    // not named by the store, and counts as committed.)
                     let written = !outcome.fenced.contains(&snapshot.key)
-                        && !outcome.rejected.iter().any(|r| r.key == snapshot.key);
+                        && !outcome.rejected.iter().any(|r| r.key == snapshot.key)
+                        && !outcome.mismatched.iter().any(|m| m.key == snapshot.key);
                     if written && let Some(due) = snapshot.due_at {
                         stats.snapshot_committed(committed_at - due);
                     }

@@ -191,15 +191,30 @@ pub async fn send(
         if n == 0 {
             break;
         }
-        frames += buffer[..n].iter().filter(|&&b| b == b'\n').count() as u64;
         bytes += n as u64;
         last = buffer[n - 1];
-        out.write_all(&buffer[..n]).await.map_err(write_error)?;
-        if let Some(rate) = rate {
-            out.flush().await.map_err(write_error)?;
+        let Some(rate) = rate else {
+            frames += buffer[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+            out.write_all(&buffer[..n]).await.map_err(write_error)?;
+            continue;
+        };
+        // Frame by frame: what is due goes out, then a sleep until the
+        // next frame's time (not a chunk at once, which at a low rate
+        // would be dozens of frames together).
+        let mut from = 0;
+        for at in memchr::memchr_iter(b'\n', &buffer[..n]) {
+            frames += 1;
             let due = started + std::time::Duration::from_secs_f64(frames as f64 / rate as f64);
-            tokio::time::sleep_until(due.into()).await;
+            if due > std::time::Instant::now() + std::time::Duration::from_millis(1) {
+                out.write_all(&buffer[from..=at])
+                    .await
+                    .map_err(write_error)?;
+                out.flush().await.map_err(write_error)?;
+                from = at + 1;
+                tokio::time::sleep_until(due.into()).await;
+            }
         }
+        out.write_all(&buffer[from..n]).await.map_err(write_error)?;
     }
     if last != b'\n' {
         out.write_all(b"\n").await.map_err(write_error)?;

@@ -530,6 +530,19 @@ mod tests {
     }
 
     #[test]
+    fn a_lone_surrogate_in_data_is_malformed_json_named_as_such() {
+        // `data` is parsed with the envelope (once): serde_json's strict
+        // string check makes the whole frame malformed, with the reason.
+        let line = r#"{"event_type":"workflow.started","timestamp":"2026-11-26T03:59:48.12+00:00","sequence":7,"entity_type":"workflow","entity_id":"w1","workflow_id":"w1","data":{"s":"\ud800"}}"#;
+        match decode(line.as_bytes(), LIMITS) {
+            Err(DecodeError::Malformed(reason)) => {
+                assert!(reason.contains("hex escape"), "{reason}")
+            }
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+
+    #[test]
     fn escaped_envelope_strings_decode_like_plain_ones() {
         // Plain strings are borrowed from the line, escaped ones parsed.
         let line = r#"{"event_type":"workflow.st\u0061rted","timestamp":"2026-11-26T03:59:48.12+00:00","sequence":7,"entity_type":"work\u0066low","entity_id":"w\u0031","workflow_id":"w\u0031"}"#;
