@@ -99,6 +99,8 @@ fn table(stats: &Value) -> String {
                 "snapshots_too_large",
                 "snapshots_uncovered",
                 "write_errors",
+                "snapshot_latency",
+                "batch_commit",
             ],
         ),
         (
@@ -125,6 +127,11 @@ fn table(stats: &Value) -> String {
         for key in *keys {
             let value = match stats.get(*key) {
                 Some(Value::String(s)) => s.clone(),
+                // A latency summary (`Latencies::to_json`).
+                Some(Value::Object(q)) if q.contains_key("p99_ms") => format!(
+                    "p50 {} ms, p99 {} ms, max {} ms over {}",
+                    q["p50_ms"], q["p99_ms"], q["max_ms"], q["count"]
+                ),
                 Some(v) => v.to_string(),
                 None => "-".into(),
             };
@@ -181,6 +188,12 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("cluster"), "{text}");
+        let text = table(&serde_json::json!({"snapshot_latency":
+            {"count": 3, "p50_ms": 12.5, "p99_ms": 40.0, "max_ms": 41.2}}));
+        assert!(
+            text.contains("p50 12.5 ms, p99 40.0 ms, max 41.2 ms over 3"),
+            "{text}"
+        );
     }
 
     #[test]
