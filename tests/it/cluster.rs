@@ -484,6 +484,12 @@ async fn a_late_commit_between_owners_is_caught_up_by_the_next_one() {
     record(&backend, root.path(), 3, 31);
     let mut a = start_node(root.path(), &backend, "a", "");
     wait_balanced(&[&a], 64, 30);
+    // The cluster's origin (where catch-up starts) is set when a's feed
+    // opens; the workflow's events must come after it, as a workflow
+    // recorded while the cluster runs does. (Without this wait, they were
+    // sometimes inserted first and fell below the origin.)
+    let synced = a.command(json!({"op": "sync"}));
+    assert_eq!(synced["ok"], true, "{synced}");
     let Backend::Postgres(db) = &backend else {
         unreachable!()
     };
