@@ -132,14 +132,20 @@ impl Actor for Router {
                 let mut barriers = Vec::with_capacity(keys.len());
                 let mut forced = Vec::new();
                 for key in keys {
-                    if snapshot && matches!(state.entities.get(&key), Some(Entry::Running { .. })) {
+                    // Events waiting behind a stopping actor go to its
+                    // successor: so does the forced snapshot.
+                    let live = match state.entities.get(&key) {
+                        Some(Entry::Running { .. }) => true,
+                        Some(Entry::Stopping { stash, .. }) => !stash.is_empty(),
+                        None => false,
+                    };
+                    if snapshot && live {
                         let (tx, rx) = ractor::concurrency::oneshot();
                         state
                             .deliver(&myself, key, PolicyMsg::ForceSnapshot(tx.into()))
                             .await;
                         forced.push(rx);
                     } else {
-                        // Stopping or passivated: its snapshot is with the writer.
                         let (tx, rx) = ractor::concurrency::oneshot();
                         state.barrier(&myself, key, tx.into()).await;
                         barriers.push(rx);
@@ -308,16 +314,24 @@ impl RouterState {
         }
     }
 
-    /// A barrier for one entity: answered by its actor, or, when it is
-    /// stopping, once it has stopped (its last snapshot is then with the writer).
+    /// A barrier for one entity: answered by its actor; when it is stopping,
+    /// once it has stopped (its last snapshot is then with the writer), or,
+    /// when events wait for its successor, by the successor after them.
     async fn barrier(
         &mut self,
         myself: &ActorRef<RouterMsg>,
         key: EntityKey,
         reply: RpcReplyPort<()>,
     ) {
-        if let Some(Entry::Stopping { barriers, .. }) = self.entities.get_mut(&key) {
-            barriers.push(reply);
+        if let Some(Entry::Stopping {
+            stash, barriers, ..
+        }) = self.entities.get_mut(&key)
+        {
+            if stash.is_empty() {
+                barriers.push(reply);
+            } else {
+                stash.push(PolicyMsg::Barrier(reply));
+            }
         } else if self.entities.contains_key(&key) {
             self.deliver(myself, key, PolicyMsg::Barrier(reply)).await;
         } else {
@@ -455,6 +469,12 @@ impl RouterState {
                     .is_some_and(|own| own.fence_for(&key.entity_id).is_none())
                 {
                     tracing::debug!(entity = %key, messages = stash.len(), "Messages for an entity of a partition handed over; its new owner reads the table.");
+                    // Nothing more is this node's to wait for.
+                    for msg in stash {
+                        if let PolicyMsg::Barrier(reply) = msg {
+                            let _ = reply.send(());
+                        }
+                    }
                 } else if let Some(actor) = self.spawn(myself, key).await {
                     for msg in stash {
                         let _ = actor.cast(msg);
