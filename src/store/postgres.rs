@@ -5,7 +5,7 @@ use super::{BatchOutcome, Rejected, StoreError, StoredRow, WriteFence, redact};
 use crate::model::{EntityKey, PreparedSnapshot};
 use futures_util::TryStreamExt;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Arguments, Postgres, Row, Transaction};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -451,15 +451,31 @@ async fn upsert(
         hashes.push(s.state_hash.as_str());
         created.push(s.created_at);
     }
-    let result = sqlx::query(UPSERT)
-        .bind(entity_types)
-        .bind(entity_ids)
-        .bind(workflow_ids)
-        .bind(versions)
-        .bind(sequences)
-        .bind(states)
-        .bind(hashes)
-        .bind(created)
+    // The arguments' buffer sized once: grown by doubling, a batch of
+    // states tens of KB each took fresh pages (zeroed by the kernel) for
+    // every step of its growth.
+    let size: usize = rows
+        .iter()
+        .map(|s| {
+            s.state_text.len() + s.state_hash.len() + s.key.entity_id.len() + s.workflow_id.len()
+        })
+        .sum::<usize>()
+        + n * 80
+        + 256;
+    let mut args = sqlx::postgres::PgArguments::default();
+    args.reserve(8, size);
+    let bound = (|| {
+        args.add(entity_types)?;
+        args.add(entity_ids)?;
+        args.add(workflow_ids)?;
+        args.add(versions)?;
+        args.add(sequences)?;
+        args.add(states)?;
+        args.add(hashes)?;
+        args.add(created)
+    })();
+    bound.map_err(sqlx::Error::Encode)?;
+    let result = sqlx::query_with(UPSERT, args)
         .execute(&mut **tx)
         .await?;
     Ok(result.rows_affected())
