@@ -491,28 +491,69 @@ fn write_object(out: &mut String, map: &Map<String, Value>) -> Result<(), Canoni
     Ok(())
 }
 
-/// A string as Python's `json.dumps(..., ensure_ascii=True)` writes it.
+/// Whether none of a word's eight bytes needs escaping: all in `' '..='~'`,
+/// none `"` or `\\` (the exact "has a byte less than n" and "has a zero
+/// byte" tests of the bit-twiddling hacks, applied to the word).
+fn plain_word(w: u64) -> bool {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
+    let less_than = |n: u8| w.wrapping_sub(ONES * n as u64) & !w & HIGH;
+    let has = |b: u8| {
+        let x = w ^ (ONES * b as u64);
+        x.wrapping_sub(ONES) & !x & HIGH
+    };
+    (less_than(b' ') | (w & HIGH) | has(0x7f) | has(b'"') | has(b'\\')) == 0
+}
+
+/// A string as Python's `json.dumps(..., ensure_ascii=True)` writes it:
+/// printable ASCII but `"` and `\\` as it is, in runs; everything else
+/// escaped (`\\uXXXX` in UTF-16 units outside ASCII).
 fn write_string(out: &mut String, s: &str) -> Result<(), CanonicalError> {
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '\0' => return Err(CanonicalError::NulCharacter),
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            ' '..='~' => out.push(c),
-            _ => {
-                let mut units = [0u16; 2];
-                for unit in c.encode_utf16(&mut units) {
-                    let _ = write!(out, "\\u{unit:04x}");
-                }
-            }
+    let mut run = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        // Eight bytes at a time while none needs escaping.
+        if let Some(word) = bytes.get(i..i + 8)
+            && plain_word(u64::from_le_bytes(word.try_into().unwrap_or_default()))
+        {
+            i += 8;
+            continue;
         }
+        let b = bytes[i];
+        if matches!(b, b' '..=b'~') && b != b'"' && b != b'\\' {
+            i += 1;
+            continue;
+        }
+        out.push_str(&s[run..i]);
+        let escape = match b {
+            0 => return Err(CanonicalError::NulCharacter),
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            _ => "",
+        };
+        if escape.is_empty() {
+            // `run..i` ended on a character boundary: `i` starts one.
+            let c = s[i..].chars().next().unwrap_or_default();
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                let _ = write!(out, "\\u{unit:04x}");
+            }
+            i += c.len_utf8();
+        } else {
+            out.push_str(escape);
+            i += 1;
+        }
+        run = i;
     }
+    out.push_str(&s[run..]);
     out.push('"');
     Ok(())
 }
@@ -537,7 +578,55 @@ mod tests {
             })
     }
 
+    /// `write_string` one character at a time, as it was first written.
+    fn write_string_by_char(out: &mut String, s: &str) -> Result<(), CanonicalError> {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '\0' => return Err(CanonicalError::NulCharacter),
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\u{8}' => out.push_str("\\b"),
+                '\u{c}' => out.push_str("\\f"),
+                ' '..='~' => out.push(c),
+                _ => {
+                    let mut units = [0u16; 2];
+                    for unit in c.encode_utf16(&mut units) {
+                        let _ = write!(out, "\\u{unit:04x}");
+                    }
+                }
+            }
+        }
+        out.push('"');
+        Ok(())
+    }
+
     proptest! {
+        #[test]
+        fn a_plain_word_is_eight_bytes_written_as_they_are(
+            // Mostly printable: words needing no escape are common here.
+            bytes in proptest::array::uniform8(prop_oneof![12 => 0x20u8..0x7f, 1 => any::<u8>()]),
+        ) {
+            let each = bytes.iter().all(|&b| matches!(b, b' '..=b'~') && b != b'"' && b != b'\\');
+            prop_assert_eq!(plain_word(u64::from_le_bytes(bytes)), each);
+        }
+
+        #[test]
+        fn strings_are_written_as_one_character_at_a_time_writes_them(
+            s in "(\\PC|[\\x00-\\x1f\\x7f\"\\\\]|[\\u{80}-\\u{7ff}]|[\\u{10000}-\\u{10ffff}]|[ -~]{0,8}){0,24}",
+        ) {
+            let (mut fast, mut slow) = (String::from("x"), String::from("x"));
+            let a = write_string(&mut fast, &s);
+            let b = write_string_by_char(&mut slow, &s);
+            prop_assert_eq!(a.is_ok(), b.is_ok());
+            if a.is_ok() {
+                prop_assert_eq!(fast, slow);
+            }
+        }
+
         #[test]
         fn a_literal_kept_as_is_is_what_normalising_gives(literal in json_number()) {
             for form in [NumberForm::Jsonb, NumberForm::Python] {
