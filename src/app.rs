@@ -142,6 +142,7 @@ impl App {
             Writer,
             WriterArgs {
                 store: store.clone(),
+                connections: store.write_connections(settings.writer.connections),
                 events_table: events_table.clone(),
                 batch_size: settings.writer.batch_size,
                 batch_delay: Duration::from_millis(settings.writer.batch_delay_ms),

@@ -125,6 +125,7 @@ pub struct WriterSettings {
     pub batch_delay_ms: u64,
     pub max_pending: usize,
     pub retry_max_secs: u64,
+    pub connections: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -322,6 +323,7 @@ impl Settings {
             batch_delay_ms: c.get("writer.batch_delay_ms"),
             max_pending: c.positive("writer.max_pending"),
             retry_max_secs: c.positive("writer.retry_max_secs"),
+            connections: c.positive("writer.connections"),
         };
         let shutdown = ShutdownSettings {
             grace_secs: c.positive("shutdown.grace_secs"),

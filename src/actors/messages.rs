@@ -137,6 +137,8 @@ pub enum WriterMsg {
     /// From the app at shutdown: commit everything, retrying until the
     /// deadline; reply with the number of snapshots that could not be.
     Drain(Instant, RpcReplyPort<usize>),
+    /// From a batch's commit task: it ended.
+    Committed(Box<super::writer::BatchDone>),
     /// From the cluster's coordinator: drop the pending snapshots of these
     /// partitions (their leases are gone or being freed; the database
     /// would refuse them).

@@ -3,6 +3,11 @@
 //! bounded, one transaction each), prunes old ones, and rides out store
 //! outages with capped backoff, holding what is pending (bounded by the
 //! permits senders acquire) until the store is back.
+//!
+//! Up to `writer.connections` batches commit at once, each in a task of its
+//! own, so a slow commit does not hold up the snapshots that fell due during
+//! it. An entity is in at most one batch at a time, so its rows are
+//! committed in version order; the actor itself never waits on the store.
 
 use super::messages::{RouterMsg, WriterMsg};
 use crate::cluster::ownership::Ownership;
@@ -11,7 +16,7 @@ use crate::model::{EntityKey, PreparedSnapshot};
 use crate::stats::Stats;
 use crate::store::{EventsTableWatch, Store, WriteFence};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
@@ -19,6 +24,8 @@ use tokio::sync::OwnedSemaphorePermit;
 /// Start arguments.
 pub struct WriterArgs {
     pub store: Store,
+    /// Most batches committing at once (SQLite writes one at a time: 1).
+    pub connections: usize,
     /// When found, each snapshot is checked against stabilize's events
     /// table in the batch that commits it.
     pub events_table: Arc<EventsTableWatch>,
@@ -42,9 +49,18 @@ pub struct Writer;
 const BACKLOG_BATCH_FACTOR: usize = 10;
 
 struct Pending {
-    snapshot: Box<PreparedSnapshot>,
+    snapshot: Arc<PreparedSnapshot>,
     ticket: u64,
     _permit: OwnedSemaphorePermit,
+}
+
+/// A batch's commit, done in its own task, reported back to the actor.
+pub struct BatchDone {
+    /// The snapshots it carried (in flight until now).
+    keys: Vec<EntityKey>,
+    result: Result<crate::store::BatchOutcome, crate::store::StoreError>,
+    started: Instant,
+    committed_at: Instant,
 }
 
 pub struct WriterState {
@@ -54,6 +70,15 @@ pub struct WriterState {
     /// The pending snapshots by ticket, oldest first: a batch is taken from
     /// the front without sorting everything pending.
     order: BTreeMap<u64, EntityKey>,
+    /// Snapshots in a batch being committed (an entity is in one at most).
+    in_flight: HashMap<EntityKey, Pending>,
+    /// Their tickets, for the flushes waiting on them.
+    in_flight_tickets: BTreeSet<u64>,
+    /// Batches being committed.
+    batches: usize,
+    /// Watchdog pings held while a batch commits: answered when one ends,
+    /// so a commit stuck on the store stops the pings.
+    pings: Vec<RpcReplyPort<()>>,
     next_ticket: u64,
     /// Flushes waiting for every ticket up to theirs.
     waiters: Vec<(u64, RpcReplyPort<()>)>,
@@ -66,6 +91,8 @@ pub struct WriterState {
     shutting_down: bool,
     /// Non-zero while the store is failing.
     backoff: Duration,
+    /// While the store is failing: no batch starts before this.
+    retry_at: Option<Instant>,
     draining: Option<(Instant, RpcReplyPort<usize>)>,
 }
 
@@ -84,12 +111,17 @@ impl Actor for Writer {
             router: None,
             pending: HashMap::new(),
             order: BTreeMap::new(),
+            in_flight: HashMap::new(),
+            in_flight_tickets: BTreeSet::new(),
+            batches: 0,
+            pings: Vec::new(),
             next_ticket: 1,
             waiters: Vec::new(),
             commit_scheduled: false,
             commit_queued: false,
             shutting_down: false,
             backoff: Duration::ZERO,
+            retry_at: None,
             draining: None,
         })
     }
@@ -110,16 +142,14 @@ impl Actor for Writer {
                 let ticket = state.next_ticket;
                 state.next_ticket += 1;
                 let key = snapshot.key.clone();
-                let newer = state
-                    .pending
-                    .get(&key)
-                    .is_none_or(|old| snapshot.version >= old.snapshot.version);
+                let newest = state.pending.get(&key).or(state.in_flight.get(&key));
+                let newer = newest.is_none_or(|old| snapshot.version >= old.snapshot.version);
                 if newer {
                     state.order.insert(ticket, key.clone());
                     let old = state.pending.insert(
                         key,
                         Pending {
-                            snapshot,
+                            snapshot: Arc::from(snapshot),
                             ticket,
                             _permit: permit,
                         },
@@ -159,8 +189,13 @@ impl Actor for Writer {
             }
             WriterMsg::SetRouter(router) => state.router = Some(router),
             WriterMsg::Ping(reply) => {
-                let _ = reply.send(());
+                if state.batches == 0 {
+                    let _ = reply.send(());
+                } else {
+                    state.pings.push(reply);
+                }
             }
+            WriterMsg::Committed(done) => state.committed(&myself, *done),
             WriterMsg::Commit => {
                 state.commit_scheduled = false;
                 state.commit_queued = false;
@@ -172,6 +207,7 @@ impl Actor for Writer {
                 state.draining = Some((deadline, reply));
                 state.shutting_down = true;
                 state.backoff = Duration::ZERO;
+                state.retry_at = None;
                 state.commit(&myself).await;
             }
         }
@@ -200,13 +236,19 @@ impl WriterState {
         self.args
             .stats
             .writer_pending
-            .set(self.pending.len() as i64);
+            .set((self.pending.len() + self.in_flight.len()) as i64);
     }
 
-    /// Commit one batch (oldest first); then decide what comes next.
+    /// Start committing one batch (oldest first, entities not already in
+    /// a batch), when a connection is free and the store is not failing.
     async fn commit(&mut self, myself: &ActorRef<WriterMsg>) {
         if self.pending.is_empty() {
             self.finish_drain_if_done();
+            return;
+        }
+        let retry_later = self.retry_at.is_some_and(|at| Instant::now() < at);
+        if self.batches >= self.args.connections.max(1) || retry_later {
+            // A batch ending (or the retry) commits again.
             return;
         }
         // At shutdown, or behind by several batches: larger transactions
@@ -216,25 +258,74 @@ impl WriterState {
         } else {
             self.args.batch_size
         };
-        let keys: Vec<EntityKey> = self.order.values().take(limit).cloned().collect();
-        let snapshots: Vec<&PreparedSnapshot> =
-            keys.iter().map(|k| &*self.pending[k].snapshot).collect();
-        // An entity's first row leaves nothing to prune (the many short
-        // workflows stabilize runs are mostly that).
-        let mut to_prune: Vec<EntityKey> = snapshots
-            .iter()
-            .filter(|s| !s.first_row)
-            .map(|s| s.key.clone())
+        let keys: Vec<EntityKey> = self
+            .order
+            .values()
+            .filter(|key| !self.in_flight.contains_key(*key))
+            .take(limit)
+            .cloned()
             .collect();
-        let store = &self.args.store;
-        let covered = self.args.events_table.check().await;
-        let started = std::time::Instant::now();
-        let result = store
-            .save_fenced(&snapshots, covered, self.args.fence.as_ref())
-            .await;
-        tracing::debug!(batch = snapshots.len(), versions = ?snapshots.iter().map(|s| s.version).collect::<Vec<_>>(), ok = result.is_ok(), "Batch committed.");
+        if keys.is_empty() {
+            return;
+        }
+        let mut snapshots = Vec::with_capacity(keys.len());
+        for key in &keys {
+            if let Some(pending) = self.pending.remove(key) {
+                self.order.remove(&pending.ticket);
+                self.in_flight_tickets.insert(pending.ticket);
+                snapshots.push(pending.snapshot.clone());
+                self.in_flight.insert(key.clone(), pending);
+            }
+        }
+        self.batches += 1;
+        let store = self.args.store.clone();
+        let events_table = self.args.events_table.clone();
+        let fence = self.args.fence.clone();
+        let keep = self.args.keep_snapshots;
+        let reply_to = myself.clone();
+        tokio::spawn(async move {
+            let rows: Vec<&PreparedSnapshot> = snapshots.iter().map(|s| &**s).collect();
+            let covered = events_table.check().await;
+            let started = Instant::now();
+            let result = store.save_fenced(&rows, covered, fence.as_ref()).await;
+            let committed_at = Instant::now();
+            tracing::debug!(batch = rows.len(), versions = ?rows.iter().map(|s| s.version).collect::<Vec<_>>(), ok = result.is_ok(), "Batch committed.");
+            if let Ok(outcome) = &result {
+                // An entity's first row leaves nothing to prune (the many
+                // short workflows stabilize runs are mostly that).
+                let to_prune: Vec<EntityKey> = rows
+                    .iter()
+                    .filter(|s| !s.first_row && !outcome.fenced.contains(&s.key))
+                    .map(|s| s.key.clone())
+                    .collect();
+                if let Err(error) = store.prune_entities(&to_prune, keep).await {
+                    tracing::warn!(error = %chain(&error), "Pruning old snapshots failed; will prune on a later batch.");
+                }
+            }
+            let keys = rows.iter().map(|s| s.key.clone()).collect();
+            let done = BatchDone {
+                keys,
+                result,
+                started,
+                committed_at,
+            };
+            let _ = reply_to.cast(WriterMsg::Committed(Box::new(done)));
+        });
+        self.publish_depth();
+        // Another connection may take the next batch at once.
+        if self.pending.len() >= self.args.batch_size || !self.waiters.is_empty() {
+            self.schedule(myself, Duration::ZERO);
+        }
+    }
+
+    /// A batch's commit ended: account for it, and decide what comes next.
+    fn committed(&mut self, myself: &ActorRef<WriterMsg>, done: BatchDone) {
+        self.batches -= 1;
+        for ping in self.pings.drain(..) {
+            let _ = ping.send(());
+        }
         let stats = &self.args.stats;
-        match result {
+        match done.result {
             Ok(outcome) => {
                 if !self.backoff.is_zero() {
                     tracing::info!(
@@ -243,17 +334,25 @@ impl WriterState {
                     );
                 }
                 self.backoff = Duration::ZERO;
+                self.retry_at = None;
                 stats.store_up.set(1);
-                stats.batch_written(outcome.written, snapshots.len(), started.elapsed());
-                let committed_at = std::time::Instant::now();
-                for snapshot in &snapshots {
+                stats.batch_written(
+                    outcome.written,
+                    done.keys.len(),
+                    done.committed_at - done.started,
+                );
+                for key in &done.keys {
+                    let Some(flown) = self.in_flight.remove(key) else {
+                        continue;
+                    };
+                    self.in_flight_tickets.remove(&flown.ticket);
                     // (A row skipped for a newer one already stored is
                     // not named by the store, and counts as committed.)
-                    let written = !outcome.fenced.contains(&snapshot.key)
-                        && !outcome.rejected.iter().any(|r| r.key == snapshot.key)
-                        && !outcome.mismatched.iter().any(|m| m.key == snapshot.key);
-                    if written && let Some(due) = snapshot.due_at {
-                        stats.snapshot_committed(committed_at - due);
+                    let written = !outcome.fenced.contains(key)
+                        && !outcome.rejected.iter().any(|r| r.key == *key)
+                        && !outcome.mismatched.iter().any(|m| m.key == *key);
+                    if written && let Some(due) = flown.snapshot.due_at {
+                        stats.snapshot_committed(done.committed_at - due);
                     }
                 }
                 for rejected in &outcome.rejected {
@@ -266,7 +365,6 @@ impl WriterState {
                         snapshots = outcome.fenced.len(),
                         "Snapshots not written: their partitions' leases are no longer this node's."
                     );
-                    to_prune.retain(|key| !outcome.fenced.contains(key));
                 }
                 for uncovered in &outcome.mismatched {
                     stats.snapshots_uncovered.inc();
@@ -275,17 +373,6 @@ impl WriterState {
                     if let Some(router) = &self.router {
                         let _ = router.cast(RouterMsg::Resync(uncovered.key.clone()));
                     }
-                }
-                for key in &keys {
-                    if let Some(done) = self.pending.remove(key) {
-                        self.order.remove(&done.ticket);
-                    }
-                }
-                if let Err(error) = store
-                    .prune_entities(&to_prune, self.args.keep_snapshots)
-                    .await
-                {
-                    tracing::warn!(error = %chain(&error), "Pruning old snapshots failed; will prune on a later batch.");
                 }
                 self.publish_depth();
                 self.answer_waiters();
@@ -299,6 +386,17 @@ impl WriterState {
                 }
             }
             Err(error) => {
+                // Back to pending, under their tickets, unless a newer
+                // snapshot of the entity came meanwhile.
+                for key in &done.keys {
+                    if let Some(flown) = self.in_flight.remove(key) {
+                        self.in_flight_tickets.remove(&flown.ticket);
+                        if !self.pending.contains_key(key) {
+                            self.order.insert(flown.ticket, key.clone());
+                            self.pending.insert(key.clone(), flown);
+                        }
+                    }
+                }
                 stats.write_errors.inc();
                 stats.store_up.set(0);
                 self.backoff =
@@ -308,13 +406,16 @@ impl WriterState {
                 if let Some((deadline, _)) = &self.draining
                     && Instant::now() + self.backoff > *deadline
                 {
-                    let lost = self.pending.len();
+                    let lost = self.pending.len() + self.in_flight.len();
                     if let Some((_, reply)) = self.draining.take() {
                         let _ = reply.send(lost);
                     }
                     return;
                 }
-                self.schedule(myself, self.backoff);
+                // No batch starts before the retry (a batch delay's
+                // commit finds it not yet due).
+                self.retry_at = Some(Instant::now() + self.backoff);
+                myself.send_after(self.backoff, || WriterMsg::Commit);
             }
         }
         self.finish_drain_if_done();
@@ -332,6 +433,7 @@ impl WriterState {
     fn pending_base(&self, key: &EntityKey) -> Option<crate::model::Snapshot> {
         self.pending
             .get(key)
+            .or_else(|| self.in_flight.get(key))
             .filter(|p| self.may_write(&p.snapshot))
             .map(|p| p.snapshot.to_snapshot())
     }
@@ -364,7 +466,9 @@ impl WriterState {
     }
 
     fn answer_waiters(&mut self) {
-        let oldest = self.order.keys().next().copied().unwrap_or(u64::MAX);
+        let waiting = self.order.keys().next().copied().unwrap_or(u64::MAX);
+        let flying = self.in_flight_tickets.first().copied().unwrap_or(u64::MAX);
+        let oldest = waiting.min(flying);
         let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
             .into_iter()
             .partition(|(upto, _)| *upto < oldest);
@@ -376,6 +480,7 @@ impl WriterState {
 
     fn finish_drain_if_done(&mut self) {
         if self.pending.is_empty()
+            && self.in_flight.is_empty()
             && let Some((_, reply)) = self.draining.take()
         {
             let _ = reply.send(0);

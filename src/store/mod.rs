@@ -185,6 +185,15 @@ impl Store {
         }
     }
 
+    /// How many batches may commit at once, of the `wanted`: SQLite takes
+    /// one writer at a time.
+    pub fn write_connections(&self, wanted: usize) -> usize {
+        match self {
+            Store::Postgres(_) => wanted.max(1),
+            Store::Sqlite(_) => 1,
+        }
+    }
+
     /// Create stabilize's `snapshots` table when missing; check it otherwise.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match self {

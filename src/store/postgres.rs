@@ -475,9 +475,7 @@ async fn upsert(
         args.add(created)
     })();
     bound.map_err(sqlx::Error::Encode)?;
-    let result = sqlx::query_with(UPSERT, args)
-        .execute(&mut **tx)
-        .await?;
+    let result = sqlx::query_with(UPSERT, args).execute(&mut **tx).await?;
     Ok(result.rows_affected())
 }
 

@@ -237,7 +237,10 @@ async fn forwarded_live(backend: Backend) {
     );
     let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(summary["dropped"], 0, "{summary}");
-    verify(&backend, 300);
+    // At least one row per workflow (see `cross_check` on how many more:
+    // the writer also keeps only an entity's newest snapshot while one of
+    // its rows is being committed).
+    verify(&backend, 100);
     assert!(
         daemon.log().contains("Found stabilize's events table"),
         "{}",

@@ -622,3 +622,89 @@ fn verify(url: &str) -> std::process::Output {
         .output()
         .unwrap()
 }
+
+/// Two batches commit at once: while one waits on a lock held by another
+/// transaction, the snapshot of another entity is committed on the writer's
+/// second connection; the first is committed once the lock goes.
+#[tokio::test]
+async fn a_slow_commit_does_not_hold_up_the_next_batch() {
+    use sqlx::Connection;
+    use std::time::{Duration, Instant};
+    let backend = Backend::postgres().await;
+    let Backend::Postgres(db) = &backend else {
+        unreachable!()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        "[reducer]\nkind = \"merge\"\n[policy]\nevent_interval = 1\n[writer]\nbatch_size = 1\nbatch_delay_ms = 0\nconnections = 2\n",
+    );
+    let task = |seq: i64, id: &str| {
+        json!({"event_type": "task.updated", "timestamp": "2026-11-26T00:00:00Z", "sequence": seq,
+               "entity_type": "task", "entity_id": id, "workflow_id": "wf", "data": {"seq": seq}})
+        .to_string()
+        .into_bytes()
+    };
+    // Another transaction inserts the row `slow` is about to get, and holds
+    // it: the writer's insert waits on the unique index until it ends.
+    let mut blocker = db.connect().await;
+    let mut tx = blocker.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO snapshots (entity_type, entity_id, workflow_id, version, sequence, state, state_hash, created_at) \
+         VALUES ('task', 'slow', 'wf', 1, 1, '{}', 'x', now())",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    assert!(daemon.converse(&[task(1, "slow")]).is_empty());
+    let mut watcher = db.connect().await;
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO snapshots%'";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n: i64 = sqlx::query_scalar(waiting)
+            .fetch_one(&mut watcher)
+            .await
+            .unwrap();
+        if n == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the writer's insert of `slow` never waited on the lock:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // `fast` is committed meanwhile.
+    assert!(daemon.converse(&[task(2, "fast")]).is_empty());
+    let store = backend.store().await;
+    let key = |id: &str| {
+        snapshotd::model::EntityKey::new(snapshotd::model::EntityType::Task, id.to_string())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.latest(&key("fast")).await.unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "`fast` waited behind `slow`:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let n: i64 = sqlx::query_scalar(waiting)
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "`slow` is still waiting");
+    // The lock goes: `slow` is committed, with the daemon's state.
+    tx.rollback().await.unwrap();
+    let flushed = daemon.converse(&[br#"{"op":"flush"}"#.to_vec()]);
+    assert_eq!(flushed[0]["ok"], true, "{flushed:?}");
+    let slow = store
+        .latest(&key("slow"))
+        .await
+        .unwrap()
+        .expect("`slow` is stored");
+    assert_eq!((slow.version, slow.state.clone()), (1, json!({"seq": 1})));
+}
