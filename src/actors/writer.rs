@@ -215,6 +215,40 @@ impl Actor for Writer {
     }
 }
 
+/// Commit one batch (and prune what it superseded).
+async fn commit_batch(
+    store: Store,
+    events_table: Arc<EventsTableWatch>,
+    fence: Option<WriteFence>,
+    keep: u32,
+    snapshots: Vec<Arc<PreparedSnapshot>>,
+) -> BatchDone {
+    let rows: Vec<&PreparedSnapshot> = snapshots.iter().map(|s| &**s).collect();
+    let covered = events_table.check().await;
+    let started = Instant::now();
+    let result = store.save_fenced(&rows, covered, fence.as_ref()).await;
+    let committed_at = Instant::now();
+    tracing::debug!(batch = rows.len(), versions = ?rows.iter().map(|s| s.version).collect::<Vec<_>>(), ok = result.is_ok(), "Batch committed.");
+    if let Ok(outcome) = &result {
+        // An entity's first row leaves nothing to prune (the many short
+        // workflows stabilize runs are mostly that).
+        let to_prune: Vec<EntityKey> = rows
+            .iter()
+            .filter(|s| !s.first_row && !outcome.fenced.contains(&s.key))
+            .map(|s| s.key.clone())
+            .collect();
+        if let Err(error) = store.prune_entities(&to_prune, keep).await {
+            tracing::warn!(error = %chain(&error), "Pruning old snapshots failed; will prune on a later batch.");
+        }
+    }
+    BatchDone {
+        keys: rows.iter().map(|s| s.key.clone()).collect(),
+        result,
+        started,
+        committed_at,
+    }
+}
+
 impl WriterState {
     /// Commit after `after`; with zero, as soon as the messages already
     /// queued are handled, even if a delayed commit is armed (it then
@@ -278,37 +312,24 @@ impl WriterState {
             }
         }
         self.batches += 1;
-        let store = self.args.store.clone();
-        let events_table = self.args.events_table.clone();
-        let fence = self.args.fence.clone();
-        let keep = self.args.keep_snapshots;
+        let batch = commit_batch(
+            self.args.store.clone(),
+            self.args.events_table.clone(),
+            self.args.fence.clone(),
+            self.args.keep_snapshots,
+            snapshots,
+        );
+        if self.args.connections <= 1 {
+            // One at a time (SQLite): in the actor, as its mailbox waits,
+            // so hydration lookups and new snapshots queue behind the
+            // commit instead of racing it for the database.
+            let done = batch.await;
+            self.committed(myself, done);
+            return;
+        }
         let reply_to = myself.clone();
         tokio::spawn(async move {
-            let rows: Vec<&PreparedSnapshot> = snapshots.iter().map(|s| &**s).collect();
-            let covered = events_table.check().await;
-            let started = Instant::now();
-            let result = store.save_fenced(&rows, covered, fence.as_ref()).await;
-            let committed_at = Instant::now();
-            tracing::debug!(batch = rows.len(), versions = ?rows.iter().map(|s| s.version).collect::<Vec<_>>(), ok = result.is_ok(), "Batch committed.");
-            if let Ok(outcome) = &result {
-                // An entity's first row leaves nothing to prune (the many
-                // short workflows stabilize runs are mostly that).
-                let to_prune: Vec<EntityKey> = rows
-                    .iter()
-                    .filter(|s| !s.first_row && !outcome.fenced.contains(&s.key))
-                    .map(|s| s.key.clone())
-                    .collect();
-                if let Err(error) = store.prune_entities(&to_prune, keep).await {
-                    tracing::warn!(error = %chain(&error), "Pruning old snapshots failed; will prune on a later batch.");
-                }
-            }
-            let keys = rows.iter().map(|s| s.key.clone()).collect();
-            let done = BatchDone {
-                keys,
-                result,
-                started,
-                committed_at,
-            };
+            let done = batch.await;
             let _ = reply_to.cast(WriterMsg::Committed(Box::new(done)));
         });
         self.publish_depth();
