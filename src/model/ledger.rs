@@ -112,19 +112,20 @@ impl Ledger {
     }
 
     /// Re-fold the window in sequence order from the kept snapshot state
-    /// and events. The caller has checked the window holds every event the
-    /// table has after the snapshot up to its newest. False when nothing
-    /// is kept.
+    /// and events, which this uses up (moved into the state, not cloned;
+    /// the next snapshot keeps new ones). The caller has checked the window
+    /// holds every event the table has after the snapshot up to its newest.
+    /// False when nothing is kept.
     pub fn refold_in_memory(&mut self) -> bool {
-        let Some(replay) = &mut self.replay else {
+        let Some(replay) = self.replay.take() else {
             return false;
         };
-        replay.events.sort_by_key(|e| e.sequence);
-        let mut state = replay.base.clone();
-        for event in &replay.events {
-            self.reducer.fold(&mut state, event);
+        let Replay { base, mut events } = *replay;
+        events.sort_by_key(|e| e.sequence);
+        self.state = base;
+        for event in events {
+            self.reducer.fold_owned(&mut self.state, event);
         }
-        self.state = state;
         self.dirty = false;
         true
     }
