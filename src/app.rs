@@ -98,6 +98,20 @@ impl App {
         })
         .await?;
         store.migrate().await?;
+        // Each batch committing takes a pooled connection: leave one for
+        // hydration lookups and the events-table reads.
+        let pool_room = (settings.database.pool_size as usize)
+            .saturating_sub(1)
+            .max(1);
+        let write_connections = store.write_connections(settings.writer.connections.min(pool_room));
+        if write_connections < store.write_connections(settings.writer.connections) {
+            tracing::warn!(
+                writer_connections = settings.writer.connections,
+                pool_size = settings.database.pool_size,
+                using = write_connections,
+                "writer.connections leaves no pooled connection for reads; committing fewer batches at once."
+            );
+        }
         let reducer = Reducer::from(settings.reducer.kind);
         let events_table = Arc::new(EventsTableWatch::new(
             store.clone(),
@@ -142,7 +156,7 @@ impl App {
             Writer,
             WriterArgs {
                 store: store.clone(),
-                connections: store.write_connections(settings.writer.connections),
+                connections: write_connections,
                 events_table: events_table.clone(),
                 batch_size: settings.writer.batch_size,
                 batch_delay: Duration::from_millis(settings.writer.batch_delay_ms),

@@ -56,6 +56,7 @@ struct Pending {
 
 /// A batch's commit, done in its own task, reported back to the actor.
 pub struct BatchDone {
+    number: u64,
     /// The snapshots it carried (in flight until now).
     keys: Vec<EntityKey>,
     result: Result<crate::store::BatchOutcome, crate::store::StoreError>,
@@ -74,11 +75,13 @@ pub struct WriterState {
     in_flight: HashMap<EntityKey, Pending>,
     /// Their tickets, for the flushes waiting on them.
     in_flight_tickets: BTreeSet<u64>,
-    /// Batches being committed.
-    batches: usize,
-    /// Watchdog pings held while a batch commits: answered when one ends,
-    /// so a commit stuck on the store stops the pings.
-    pings: Vec<RpcReplyPort<()>>,
+    /// Batches being committed, by number (numbered as they start).
+    batches: BTreeSet<u64>,
+    next_batch: u64,
+    /// Watchdog pings held while batches commit, each with the newest batch
+    /// started before it: answered once every batch up to that one has
+    /// ended, so one commit stuck on the store stops the pings.
+    pings: Vec<(u64, RpcReplyPort<()>)>,
     next_ticket: u64,
     /// Flushes waiting for every ticket up to theirs.
     waiters: Vec<(u64, RpcReplyPort<()>)>,
@@ -113,7 +116,8 @@ impl Actor for Writer {
             order: BTreeMap::new(),
             in_flight: HashMap::new(),
             in_flight_tickets: BTreeSet::new(),
-            batches: 0,
+            batches: BTreeSet::new(),
+            next_batch: 1,
             pings: Vec::new(),
             next_ticket: 1,
             waiters: Vec::new(),
@@ -189,10 +193,10 @@ impl Actor for Writer {
             }
             WriterMsg::SetRouter(router) => state.router = Some(router),
             WriterMsg::Ping(reply) => {
-                if state.batches == 0 {
+                if state.batches.is_empty() {
                     let _ = reply.send(());
                 } else {
-                    state.pings.push(reply);
+                    state.pings.push((state.next_batch - 1, reply));
                 }
             }
             WriterMsg::Committed(done) => state.committed(&myself, *done),
@@ -217,6 +221,7 @@ impl Actor for Writer {
 
 /// Commit one batch (and prune what it superseded).
 async fn commit_batch(
+    number: u64,
     store: Store,
     events_table: Arc<EventsTableWatch>,
     fence: Option<WriteFence>,
@@ -242,6 +247,7 @@ async fn commit_batch(
         }
     }
     BatchDone {
+        number,
         keys: rows.iter().map(|s| s.key.clone()).collect(),
         result,
         started,
@@ -281,7 +287,7 @@ impl WriterState {
             return;
         }
         let retry_later = self.retry_at.is_some_and(|at| Instant::now() < at);
-        if self.batches >= self.args.connections.max(1) || retry_later {
+        if self.batches.len() >= self.args.connections.max(1) || retry_later {
             // A batch ending (or the retry) commits again.
             return;
         }
@@ -311,8 +317,11 @@ impl WriterState {
                 self.in_flight.insert(key.clone(), pending);
             }
         }
-        self.batches += 1;
+        let number = self.next_batch;
+        self.next_batch += 1;
+        self.batches.insert(number);
         let batch = commit_batch(
+            number,
             self.args.store.clone(),
             self.args.events_table.clone(),
             self.args.fence.clone(),
@@ -328,8 +337,27 @@ impl WriterState {
             return;
         }
         let reply_to = myself.clone();
+        let keys_sent = keys.clone();
         tokio::spawn(async move {
-            let done = batch.await;
+            // A panic inside the commit is reported as its failure: the
+            // batch goes back to pending instead of staying in flight.
+            use futures_util::FutureExt;
+            let done = match std::panic::AssertUnwindSafe(batch).catch_unwind().await {
+                Ok(done) => done,
+                Err(panic) => BatchDone {
+                    number,
+                    keys: keys_sent,
+                    result: Err(crate::store::StoreError::Aborted(
+                        panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "the commit task panicked".into()),
+                    )),
+                    started: Instant::now(),
+                    committed_at: Instant::now(),
+                },
+            };
             let _ = reply_to.cast(WriterMsg::Committed(Box::new(done)));
         });
         self.publish_depth();
@@ -341,8 +369,13 @@ impl WriterState {
 
     /// A batch's commit ended: account for it, and decide what comes next.
     fn committed(&mut self, myself: &ActorRef<WriterMsg>, done: BatchDone) {
-        self.batches -= 1;
-        for ping in self.pings.drain(..) {
+        self.batches.remove(&done.number);
+        let oldest = self.batches.first().copied().unwrap_or(u64::MAX);
+        let (answered, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pings)
+            .into_iter()
+            .partition(|(upto, _)| *upto < oldest);
+        self.pings = held;
+        for (_, ping) in answered {
             let _ = ping.send(());
         }
         let stats = &self.args.stats;
@@ -408,18 +441,30 @@ impl WriterState {
             }
             Err(error) => {
                 // Back to pending, under their tickets, unless a newer
-                // snapshot of the entity came meanwhile.
+                // snapshot of the entity came meanwhile or its lease is no
+                // longer this node's.
+                let mut fenced = 0;
                 for key in &done.keys {
                     if let Some(flown) = self.in_flight.remove(key) {
                         self.in_flight_tickets.remove(&flown.ticket);
-                        if !self.pending.contains_key(key) {
+                        if !self.may_write(&flown.snapshot) {
+                            fenced += 1;
+                        } else if !self.pending.contains_key(key) {
                             self.order.insert(flown.ticket, key.clone());
                             self.pending.insert(key.clone(), flown);
                         }
                     }
                 }
+                stats.snapshots_fenced.inc_by(fenced);
                 stats.write_errors.inc();
                 stats.store_up.set(0);
+                self.publish_depth();
+                self.answer_waiters();
+                if self.retry_at.is_some_and(|at| Instant::now() < at) {
+                    // Another batch of the same outage failed: its retry
+                    // is armed already.
+                    return;
+                }
                 self.backoff =
                     (self.backoff * 2).clamp(Duration::from_millis(100), self.args.retry_max);
                 tracing::error!(error = %chain(&error), pending = self.pending.len(), retry_in_ms = self.backoff.as_millis() as u64,

@@ -66,6 +66,8 @@ pub enum StoreError {
         version: i64,
         reason: String,
     },
+    #[error("committing a batch failed unexpectedly: {0}")]
+    Aborted(String),
 }
 
 impl StoreError {
