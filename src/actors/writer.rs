@@ -149,8 +149,12 @@ impl Actor for Writer {
                 let newest = state.pending.get(&key).or(state.in_flight.get(&key));
                 let newer = newest.is_none_or(|old| snapshot.version >= old.snapshot.version);
                 if newer {
+                    // Replacing a pending one, it takes that one's place in
+                    // line: a flush waiting for the older snapshot waits
+                    // for this one, which covers the same events and more.
+                    let ticket = state.pending.get(&key).map_or(ticket, |old| old.ticket);
                     state.order.insert(ticket, key.clone());
-                    let old = state.pending.insert(
+                    state.pending.insert(
                         key,
                         Pending {
                             snapshot: Arc::from(snapshot),
@@ -158,9 +162,6 @@ impl Actor for Writer {
                             _permit: permit,
                         },
                     );
-                    if let Some(old) = old {
-                        state.order.remove(&old.ticket);
-                    }
                 }
                 state.publish_depth();
                 if state.pending.len() >= state.args.batch_size && state.backoff.is_zero() {
@@ -449,7 +450,15 @@ impl WriterState {
                         self.in_flight_tickets.remove(&flown.ticket);
                         if !self.may_write(&flown.snapshot) {
                             fenced += 1;
-                        } else if !self.pending.contains_key(key) {
+                        } else if let Some(newer) = self.pending.get_mut(key) {
+                            // The newer one takes the older place in line
+                            // (flushes waited for the failed one).
+                            if flown.ticket < newer.ticket {
+                                self.order.remove(&newer.ticket);
+                                newer.ticket = flown.ticket;
+                                self.order.insert(flown.ticket, key.clone());
+                            }
+                        } else {
                             self.order.insert(flown.ticket, key.clone());
                             self.pending.insert(key.clone(), flown);
                         }

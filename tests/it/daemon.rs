@@ -708,3 +708,128 @@ async fn a_slow_commit_does_not_hold_up_the_next_batch() {
         .expect("`slow` is stored");
     assert_eq!((slow.version, slow.state.clone()), (1, json!({"seq": 1})));
 }
+
+/// A flush waits for the snapshot that replaced the one it was waiting for.
+/// An entity's first row is being committed (held by a lock), its second
+/// waits behind it, a flush comes, then a third replaces the second: when
+/// the first is committed, the flush is still not answered, until the
+/// third is.
+#[tokio::test]
+async fn a_flush_waits_for_the_snapshot_that_replaced_its_own() {
+    use std::io::{BufRead, Write};
+    use std::time::{Duration, Instant};
+    let backend = Backend::postgres().await;
+    let Backend::Postgres(db) = &backend else {
+        unreachable!()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        "[reducer]\nkind = \"merge\"\n[policy]\nevent_interval = 1\n[writer]\nbatch_size = 1\nbatch_delay_ms = 0\nconnections = 2\n",
+    );
+    let task = |seq: i64| {
+        let mut line = json!({"event_type": "task.updated", "timestamp": "2026-11-26T00:00:00Z", "sequence": seq,
+               "entity_type": "task", "entity_id": "x", "workflow_id": "wf", "data": {"seq": seq}})
+        .to_string()
+        .into_bytes();
+        line.push(b'\n');
+        line
+    };
+    // Versions 1 and 3 of `x` wait on rows other transactions hold.
+    async fn hold(db: &crate::helpers::TestDb, version: i32) -> sqlx::PgConnection {
+        let mut conn = db.connect().await;
+        sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+        sqlx::query(
+            "INSERT INTO snapshots (entity_type, entity_id, workflow_id, version, sequence, state, state_hash, created_at) \
+             VALUES ('task', 'x', 'wf', $1, 0, '{}', 'x', now())",
+        )
+        .bind(version)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        conn
+    }
+    async fn lock_waits(conn: &mut sqlx::PgConnection) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO snapshots%'",
+        )
+        .fetch_one(conn)
+        .await
+        .unwrap()
+    }
+    let mut first = hold(db, 1).await;
+    let mut third = hold(db, 3).await;
+    let mut watcher = db.connect().await;
+    let get_version = || {
+        daemon.command(json!({"op": "get", "entity_type": "task", "entity_id": "x"}))["snapshot"]
+            ["version"]
+            .as_i64()
+    };
+    // Producer A: events 1 and 2, then a flush.
+    let mut a = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    a.write_all(&task(1)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lock_waits(&mut watcher).await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "version 1 never waited:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.write_all(&task(2)).unwrap();
+    eventually(20, "version 2 pending", || {
+        (get_version() == Some(2)).then_some(())
+    });
+    a.write_all(b"{\"op\":\"flush\"}\n").unwrap();
+    // Producer B: event 3, whose snapshot replaces version 2 once the flush
+    // has reached the writer (a barrier through the entity's actor first:
+    // well under the pause).
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        daemon
+            .converse(&[task(3)[..task(3).len() - 1].to_vec()])
+            .is_empty()
+    );
+    eventually(20, "version 3 pending", || {
+        (get_version() == Some(3)).then_some(())
+    });
+    // Version 1 is committed; version 3 then waits on its row.
+    sqlx::query("ROLLBACK").execute(&mut first).await.unwrap();
+    let store = backend.store().await;
+    let x = snapshotd::model::EntityKey::new(snapshotd::model::EntityType::Task, "x".to_string());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stored = store.latest(&x).await.unwrap();
+        if stored.is_some_and(|s| s.version == 1) && lock_waits(&mut watcher).await == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "version 3 never waited:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The flush is not answered while version 3 is not committed...
+    a.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut reader = std::io::BufReader::new(a.try_clone().unwrap());
+    let mut line = String::new();
+    let early = reader.read_line(&mut line);
+    assert!(
+        early.is_err(),
+        "the flush was answered before version 3 was committed: {line}"
+    );
+    // ...and is once it is.
+    sqlx::query("ROLLBACK").execute(&mut third).await.unwrap();
+    a.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    let flushed: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(flushed["ok"], true, "{flushed}");
+    let stored = store.latest(&x).await.unwrap().expect("x is stored");
+    assert_eq!(stored.version, 3);
+}
