@@ -660,7 +660,8 @@ async fn a_slow_commit_does_not_hold_up_the_next_batch() {
     assert!(daemon.converse(&[task(1, "slow")]).is_empty());
     let mut watcher = db.connect().await;
     let waiting = "SELECT count(*) FROM pg_stat_activity \
-                   WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO snapshots%'";
+                   WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                   AND query LIKE '%INSERT INTO snapshots%'";
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let n: i64 = sqlx::query_scalar(waiting)
@@ -753,7 +754,8 @@ async fn a_flush_waits_for_the_snapshot_that_replaced_its_own() {
     async fn lock_waits(conn: &mut sqlx::PgConnection) -> i64 {
         sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO snapshots%'",
+             WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                   AND query LIKE '%INSERT INTO snapshots%'",
         )
         .fetch_one(conn)
         .await
