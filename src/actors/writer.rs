@@ -220,6 +220,18 @@ impl Actor for Writer {
     }
 }
 
+/// Answer the replies waiting for everything up to a number below `oldest`
+/// (the oldest ticket or batch still outstanding); keep the others.
+fn answer_below(replies: &mut Vec<(u64, RpcReplyPort<()>)>, oldest: u64) {
+    let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(replies)
+        .into_iter()
+        .partition(|(upto, _)| *upto < oldest);
+    *replies = waiting;
+    for (_, reply) in done {
+        let _ = reply.send(());
+    }
+}
+
 /// Commit one batch (and prune what it superseded).
 async fn commit_batch(
     number: u64,
@@ -372,13 +384,7 @@ impl WriterState {
     fn committed(&mut self, myself: &ActorRef<WriterMsg>, done: BatchDone) {
         self.batches.remove(&done.number);
         let oldest = self.batches.first().copied().unwrap_or(u64::MAX);
-        let (answered, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pings)
-            .into_iter()
-            .partition(|(upto, _)| *upto < oldest);
-        self.pings = held;
-        for (_, ping) in answered {
-            let _ = ping.send(());
-        }
+        answer_below(&mut self.pings, oldest);
         let stats = &self.args.stats;
         match done.result {
             Ok(outcome) => {
@@ -543,14 +549,7 @@ impl WriterState {
     fn answer_waiters(&mut self) {
         let waiting = self.order.keys().next().copied().unwrap_or(u64::MAX);
         let flying = self.in_flight_tickets.first().copied().unwrap_or(u64::MAX);
-        let oldest = waiting.min(flying);
-        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
-            .into_iter()
-            .partition(|(upto, _)| *upto < oldest);
-        self.waiters = waiting;
-        for (_, reply) in done {
-            let _ = reply.send(());
-        }
+        answer_below(&mut self.waiters, waiting.min(flying));
     }
 
     fn finish_drain_if_done(&mut self) {
