@@ -73,8 +73,6 @@ pub struct WriterState {
     order: BTreeMap<u64, EntityKey>,
     /// Snapshots in a batch being committed (an entity is in one at most).
     in_flight: HashMap<EntityKey, Pending>,
-    /// Their tickets, for the flushes waiting on them.
-    in_flight_tickets: BTreeSet<u64>,
     /// Batches being committed, by number (numbered as they start).
     batches: BTreeSet<u64>,
     next_batch: u64,
@@ -115,7 +113,6 @@ impl Actor for Writer {
             pending: HashMap::new(),
             order: BTreeMap::new(),
             in_flight: HashMap::new(),
-            in_flight_tickets: BTreeSet::new(),
             batches: BTreeSet::new(),
             next_batch: 1,
             pings: Vec::new(),
@@ -325,7 +322,6 @@ impl WriterState {
         for key in &keys {
             if let Some(pending) = self.pending.remove(key) {
                 self.order.remove(&pending.ticket);
-                self.in_flight_tickets.insert(pending.ticket);
                 snapshots.push(pending.snapshot.clone());
                 self.in_flight.insert(key.clone(), pending);
             }
@@ -406,7 +402,6 @@ impl WriterState {
                     let Some(flown) = self.in_flight.remove(key) else {
                         continue;
                     };
-                    self.in_flight_tickets.remove(&flown.ticket);
                     // (A row skipped for a newer one already stored is
                     // not named by the store, and counts as committed.)
                     let written = !outcome.fenced.contains(key)
@@ -453,7 +448,6 @@ impl WriterState {
                 let mut fenced = 0;
                 for key in &done.keys {
                     if let Some(flown) = self.in_flight.remove(key) {
-                        self.in_flight_tickets.remove(&flown.ticket);
                         if !self.may_write(&flown.snapshot) {
                             fenced += 1;
                         } else if let Some(newer) = self.pending.get_mut(key) {
@@ -548,7 +542,13 @@ impl WriterState {
 
     fn answer_waiters(&mut self) {
         let waiting = self.order.keys().next().copied().unwrap_or(u64::MAX);
-        let flying = self.in_flight_tickets.first().copied().unwrap_or(u64::MAX);
+        // Scanned (a few batches, once per commit or flush), not indexed.
+        let flying = self
+            .in_flight
+            .values()
+            .map(|p| p.ticket)
+            .min()
+            .unwrap_or(u64::MAX);
         answer_below(&mut self.waiters, waiting.min(flying));
     }
 
