@@ -579,18 +579,12 @@ async fn first_rows_skip_the_prune_and_later_ones_do_not(backend: Backend) {
         &backend.url(),
         "[reducer]\nkind = \"merge\"\n[policy]\nevent_interval = 1\nkeep_snapshots = 1\nmax_active_entities = 1\n[writer]\nbatch_size = 1\n",
     );
-    let task = |seq: i64, id: &str| {
-        json!({"event_type": "task.updated", "timestamp": "2026-11-26T00:00:00Z", "sequence": seq,
-               "entity_type": "task", "entity_id": id, "workflow_id": "wf", "data": {"seq": seq}})
-        .to_string()
-        .into_bytes()
-    };
     // With one active entity, each event passivates the one before: every
     // entity is revived from its stored row seven times, and the flush
     // comes while the last ones may still wait behind a stopping actor.
     let ids = ["a", "b", "c", "d"];
     let mut frames: Vec<Vec<u8>> = (1..=32)
-        .map(|seq| task(seq, ids[(seq as usize - 1) % ids.len()]))
+        .map(|seq| task_update(seq, ids[(seq as usize - 1) % ids.len()]))
         .collect();
     frames.push(br#"{"op":"flush"}"#.to_vec());
     assert_eq!(daemon.converse(&frames).len(), 1);
@@ -623,6 +617,24 @@ fn verify(url: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// A merge-reducer event of task `id` in workflow `wf`, setting `seq`.
+fn task_update(seq: i64, id: &str) -> Vec<u8> {
+    json!({"event_type": "task.updated", "timestamp": "2026-11-26T00:00:00Z", "sequence": seq,
+           "entity_type": "task", "entity_id": id, "workflow_id": "wf", "data": {"seq": seq}})
+    .to_string()
+    .into_bytes()
+}
+
+/// A daemon snapshotting every merge-reducer event, each in a batch of its
+/// own, over two writer connections.
+fn snapshot_per_event_two_writers(dir: &std::path::Path, backend: &Backend) -> Daemon {
+    Daemon::start(
+        dir,
+        &backend.url(),
+        "[reducer]\nkind = \"merge\"\n[policy]\nevent_interval = 1\n[writer]\nbatch_size = 1\nbatch_delay_ms = 0\nconnections = 2\n",
+    )
+}
+
 /// Two batches commit at once: while one waits on a lock held by another
 /// transaction, the snapshot of another entity is committed on the writer's
 /// second connection; the first is committed once the lock goes.
@@ -635,17 +647,7 @@ async fn a_slow_commit_does_not_hold_up_the_next_batch() {
         unreachable!()
     };
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(
-        dir.path(),
-        &backend.url(),
-        "[reducer]\nkind = \"merge\"\n[policy]\nevent_interval = 1\n[writer]\nbatch_size = 1\nbatch_delay_ms = 0\nconnections = 2\n",
-    );
-    let task = |seq: i64, id: &str| {
-        json!({"event_type": "task.updated", "timestamp": "2026-11-26T00:00:00Z", "sequence": seq,
-               "entity_type": "task", "entity_id": id, "workflow_id": "wf", "data": {"seq": seq}})
-        .to_string()
-        .into_bytes()
-    };
+    let daemon = snapshot_per_event_two_writers(dir.path(), &backend);
     // Another transaction inserts the row `slow` is about to get, and holds
     // it: the writer's insert waits on the unique index until it ends.
     let mut blocker = db.connect().await;
@@ -657,7 +659,7 @@ async fn a_slow_commit_does_not_hold_up_the_next_batch() {
     .execute(&mut *tx)
     .await
     .unwrap();
-    assert!(daemon.converse(&[task(1, "slow")]).is_empty());
+    assert!(daemon.converse(&[task_update(1, "slow")]).is_empty());
     let mut watcher = db.connect().await;
     let waiting = "SELECT count(*) FROM pg_stat_activity \
                    WHERE datname = current_database() AND wait_event_type = 'Lock' \
@@ -679,7 +681,7 @@ async fn a_slow_commit_does_not_hold_up_the_next_batch() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // `fast` is committed meanwhile.
-    assert!(daemon.converse(&[task(2, "fast")]).is_empty());
+    assert!(daemon.converse(&[task_update(2, "fast")]).is_empty());
     let store = backend.store().await;
     let key = |id: &str| {
         snapshotd::model::EntityKey::new(snapshotd::model::EntityType::Task, id.to_string())
@@ -724,16 +726,9 @@ async fn a_flush_waits_for_the_snapshot_that_replaced_its_own() {
         unreachable!()
     };
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(
-        dir.path(),
-        &backend.url(),
-        "[reducer]\nkind = \"merge\"\n[policy]\nevent_interval = 1\n[writer]\nbatch_size = 1\nbatch_delay_ms = 0\nconnections = 2\n",
-    );
+    let daemon = snapshot_per_event_two_writers(dir.path(), &backend);
     let task = |seq: i64| {
-        let mut line = json!({"event_type": "task.updated", "timestamp": "2026-11-26T00:00:00Z", "sequence": seq,
-               "entity_type": "task", "entity_id": "x", "workflow_id": "wf", "data": {"seq": seq}})
-        .to_string()
-        .into_bytes();
+        let mut line = task_update(seq, "x");
         line.push(b'\n');
         line
     };
@@ -790,11 +785,7 @@ async fn a_flush_waits_for_the_snapshot_that_replaced_its_own() {
     // has reached the writer (a barrier through the entity's actor first:
     // well under the pause).
     std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        daemon
-            .converse(&[task(3)[..task(3).len() - 1].to_vec()])
-            .is_empty()
-    );
+    assert!(daemon.converse(&[task_update(3, "x")]).is_empty());
     eventually(20, "version 3 pending", || {
         (get_version() == Some(3)).then_some(())
     });
