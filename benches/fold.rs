@@ -14,12 +14,12 @@
 //! of one event goes.
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use snapshotd::model::canonical::NumberForm;
 use snapshotd::model::event::{Event, Frame, Limits, decode};
 use snapshotd::model::ledger::Ledger;
 use snapshotd::model::{EntityKey, EntityType, PreparedSnapshot};
-use snapshotd::reducer::Reducer;
+use snapshotd::reducer::{Reducer, State};
 use std::hint::black_box;
 use std::sync::Arc;
 
@@ -126,7 +126,7 @@ fn key() -> EntityKey {
 }
 
 /// The state after folding a workflow of `tasks` tasks, and its canonical size.
-fn state_of(tasks: usize) -> (Map<String, Value>, usize) {
+fn state_of(tasks: usize) -> (State, usize) {
     let mut state = Reducer::Stabilize.initial(&key());
     for text in workflow(tasks) {
         Reducer::Stabilize.fold(&mut state, &event(&text));
@@ -135,7 +135,7 @@ fn state_of(tasks: usize) -> (Map<String, Value>, usize) {
     (state, prepared.canonical_bytes)
 }
 
-fn prepare(state: &Map<String, Value>) -> PreparedSnapshot {
+fn prepare(state: &State) -> PreparedSnapshot {
     PreparedSnapshot::from_state(key(), Arc::from("01JDBENCHWORKFLOW000000000"), 1, 1, state)
         .expect("storable")
 }

@@ -22,7 +22,7 @@ use crate::error::chain;
 use crate::model::canonical::canonical_json;
 use crate::model::event::Event;
 use crate::model::{EntityKey, EntityType, Snapshot};
-use crate::reducer::Reducer;
+use crate::reducer::{Reducer, State};
 use crate::settings::VerifySettings;
 use crate::stats::Stats;
 use crate::store::{Store, StoreError};
@@ -85,8 +85,8 @@ pub fn replay_rows(
 
 /// Where the stored state differs from the rebuilt one (text-exact), if it
 /// does.
-fn state_difference(stored: &Value, rebuilt: &Map<String, Value>) -> Option<String> {
-    let rebuilt = Value::Object(rebuilt.clone());
+fn state_difference(stored: &Value, rebuilt: &State) -> Option<String> {
+    let rebuilt = Value::Object(rebuilt.to_map());
     let same = canonical_json(&rebuilt).ok() == canonical_json(stored).ok();
     (!same).then(|| first_difference(stored, &rebuilt, "").unwrap_or_else(|| "(numbers)".into()))
 }
@@ -334,8 +334,15 @@ mod tests {
         }
     }
 
-    fn row(key: &EntityKey, version: i32, sequence: i64, state: Map<String, Value>) -> Snapshot {
-        Snapshot::new(key.clone(), "wf1", version, sequence, Value::Object(state)).unwrap()
+    fn row(key: &EntityKey, version: i32, sequence: i64, state: State) -> Snapshot {
+        Snapshot::new(
+            key.clone(),
+            "wf1",
+            version,
+            sequence,
+            Value::Object(state.to_map()),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -354,8 +361,10 @@ mod tests {
 
         // State and hash rewritten together: the hash is consistent, the
         // replay is not.
-        let mut forged = state.clone();
+        let forged = state.clone();
+        let mut forged = forged.to_map();
         forged["context"]["t1"] = json!("FAILED");
+        let forged = State::Tree(forged);
         let forged = row(&key, 2, 7, forged);
         let check = replay_rows(reducer, &key, &[first.clone(), forged], &events);
         assert_eq!(check.mismatches.len(), 1, "{:?}", check.mismatches);

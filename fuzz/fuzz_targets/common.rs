@@ -3,11 +3,10 @@
 //! state must read back to the same `state_hash` (SPEC 1: a mismatch on
 //! read is an integrity error).
 
-use serde_json::{Map, Value};
 use snapshotd_fuzz::model::canonical::NumberForm;
 use snapshotd_fuzz::model::event::{Frame, Limits, decode};
 use snapshotd_fuzz::model::{EntityKey, PreparedSnapshot};
-use snapshotd_fuzz::reducer::Reducer;
+use snapshotd_fuzz::reducer::{Reducer, State};
 
 /// Both stores' number forms: SQLite keeps Python's reading, Postgres JSONB's.
 pub const FORMS: [NumberForm; 2] = [NumberForm::Python, NumberForm::Jsonb];
@@ -35,7 +34,7 @@ pub fn decode_line(line: &[u8], numbers: NumberForm) -> Option<Frame> {
 
 /// Serialise and hash `state` as the policy actor does before a write; if
 /// it is storable, read it back as the store does and hash it again.
-pub fn check_state(key: &EntityKey, state: &Map<String, Value>) {
+pub fn check_state(key: &EntityKey, state: &State) {
     let Ok(prepared) =
         PreparedSnapshot::from_state(key.clone(), key.entity_id.clone(), 1, 1, state)
     else {

@@ -1,7 +1,8 @@
 //! A stream of frames, split on newlines as the socket splits them: every
 //! event is decoded and folded, in order, into one state per entity (by
 //! each reducer and number form), and every state canonicalised and
-//! hashed at the end. Must never panic.
+//! hashed at the end. Must never panic, and stabilize's compact state must
+//! write the texts its tree fold writes.
 #![no_main]
 
 mod common;
@@ -10,6 +11,7 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 use snapshotd_fuzz::model::EntityKey;
 use snapshotd_fuzz::model::event::{Event, Frame};
+use snapshotd_fuzz::reducer::{Reducer, State, stabilize};
 use std::collections::BTreeMap;
 
 fuzz_target!(|data: &[u8]| {
@@ -23,9 +25,16 @@ fuzz_target!(|data: &[u8]| {
             })
             .collect();
         for reducer in common::REDUCERS {
-            let mut states: BTreeMap<EntityKey, Map<String, Value>> = BTreeMap::new();
+            let mut states: BTreeMap<EntityKey, State> = BTreeMap::new();
+            let mut trees: BTreeMap<EntityKey, Map<String, Value>> = BTreeMap::new();
             for event in &events {
                 let key = reducer.key_of(event);
+                if reducer == Reducer::Stabilize {
+                    let tree = trees
+                        .entry(key.clone())
+                        .or_insert_with_key(|key| stabilize::initial(&key.entity_id));
+                    stabilize::apply(tree, event);
+                }
                 let state = states
                     .entry(key)
                     .or_insert_with_key(|key| reducer.initial(key));
@@ -33,6 +42,10 @@ fuzz_target!(|data: &[u8]| {
             }
             for (key, state) in &states {
                 common::check_state(key, state);
+                if let Some(tree) = trees.get(key) {
+                    let expected = State::Tree(tree.clone()).texts();
+                    assert_eq!(state.texts(), expected, "{key}: compact and tree folds differ");
+                }
             }
         }
     }

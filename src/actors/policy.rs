@@ -45,11 +45,11 @@ use crate::error::chain;
 use crate::model::event::Event;
 use crate::model::ledger::{Ledger, Receipt};
 use crate::model::{EntityKey, Fence, PreparedSnapshot};
-use crate::reducer::Reducer;
+use crate::reducer::{Reducer, State};
 use crate::stats::Stats;
 use crate::store::{EventsTableWatch, Store, StoreError};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -66,7 +66,7 @@ enum Prepared {
 
 /// A snapshot to build on: the writer's pending one or the store's latest.
 struct Base {
-    state: Map<String, Value>,
+    state: State,
     sequence: i64,
     version: i32,
     workflow_id: Arc<str>,
@@ -386,7 +386,7 @@ impl PolicyState {
         };
         let base = snapshot.and_then(|s| match s.state {
             Value::Object(state) => Some(Base {
-                state,
+                state: self.config().reducer.from_stored(state),
                 sequence: s.sequence,
                 version: s.version,
                 workflow_id: s.workflow_id,

@@ -20,10 +20,10 @@ use super::{CommandError, open_store};
 use crate::model::canonical::CanonicalError;
 use crate::model::event::Event;
 use crate::model::{EntityKey, EntityType, PreparedSnapshot};
-use crate::reducer::Reducer;
+use crate::reducer::{Reducer, State};
 use crate::settings::Settings;
 use crate::store::{Store, StoreError};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,7 +53,7 @@ pub struct BackfillSummary {
 /// The snapshot a workflow's history continues from.
 #[derive(Debug, Clone)]
 pub struct Base {
-    pub state: Map<String, Value>,
+    pub state: State,
     pub version: i32,
     pub sequence: i64,
 }
@@ -172,7 +172,7 @@ async fn load_batch(store: &Store, chunk: &[(String, i64)]) -> Result<Batch, Com
         let base = match store.latest(&key).await {
             Ok(Some(snapshot)) => match snapshot.state {
                 Value::Object(state) => Base {
-                    state,
+                    state: reducer.from_stored(state),
                     version: snapshot.version,
                     sequence: snapshot.sequence,
                 },
@@ -399,9 +399,10 @@ mod tests {
             None,
         )
         .unwrap();
-        let state: Map<String, Value> = serde_json::from_str(&first[0].state_text).unwrap();
+        let state: serde_json::Map<String, Value> =
+            serde_json::from_str(&first[0].state_text).unwrap();
         let base = Base {
-            state,
+            state: Reducer::Stabilize.from_stored(state),
             version: 4,
             sequence: 4,
         };

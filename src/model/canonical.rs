@@ -44,6 +44,9 @@ pub enum CanonicalError {
     /// Outside what Postgres numeric accepts, or not finite as Python reads it.
     #[error("number `{0}` is out of range: {1}")]
     NumberOutOfRange(String, &'static str),
+    /// A kept text that is not the JSON it should be (a bug, not input).
+    #[error("kept state text `{0}` is not JSON")]
+    NotJson(String),
 }
 
 /// The text numbers are kept in: what the store's reader will see.
@@ -491,6 +494,86 @@ fn write_object(out: &mut String, map: &Map<String, Value>) -> Result<(), Canoni
     Ok(())
 }
 
+/// Append the canonical text of a value given as its stored text:
+/// `serde_json`'s compact output of a value whose numbers are already in
+/// the store's form and whose objects are ordered by code point (a
+/// `serde_json::Map` here). No tree is built: separators get Python's
+/// spaces, numbers Python's reading, strings `ensure_ascii` escapes, so the
+/// result is [`canonical_json`] of the value the text parses to.
+pub fn write_canonical_from_stored(out: &mut String, stored: &str) -> Result<(), CanonicalError> {
+    let bytes = stored.as_bytes();
+    out.reserve(bytes.len() + bytes.len() / 8);
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                let start = i + 1;
+                let mut escaped = false;
+                i = start;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    if bytes[i] == b'\\' {
+                        escaped = true;
+                        i += 1;
+                    }
+                    i += 1;
+                }
+                let Some(quoted) = stored.get(start - 1..=i) else {
+                    return Err(CanonicalError::NotJson(truncated(&stored[start - 1..])));
+                };
+                if escaped {
+                    let text: String = serde_json::from_str(quoted)
+                        .map_err(|_| CanonicalError::NotJson(truncated(quoted)))?;
+                    write_string(out, &text)?;
+                } else {
+                    write_string(out, &stored[start..i])?;
+                }
+                i += 1;
+            }
+            b',' => {
+                out.push_str(", ");
+                i += 1;
+            }
+            b':' => {
+                out.push_str(": ");
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len()
+                    && matches!(bytes[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                let literal = &stored[start..i];
+                if plain_integer(literal) {
+                    out.push_str(literal);
+                } else {
+                    out.push_str(&python_number(literal)?);
+                }
+            }
+            _ => {
+                // `{`, `}`, `[`, `]` and the letters of `true`, `false`, `null`.
+                let start = i;
+                while i < bytes.len()
+                    && !matches!(bytes[i], b'"' | b',' | b':' | b'-' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
+                out.push_str(&stored[start..i]);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An integer literal Python prints as it is: no sign, no leading zero.
+fn plain_integer(literal: &str) -> bool {
+    let bytes = literal.as_bytes();
+    !bytes.is_empty()
+        && bytes.iter().all(u8::is_ascii_digit)
+        && (bytes.len() == 1 || bytes[0] != b'0')
+}
+
 /// Whether none of a word's eight bytes needs escaping: all in `' '..='~'`,
 /// none `"` or `\\` (the exact "has a byte less than n" and "has a zero
 /// byte" tests of the bit-twiddling hacks, applied to the word).
@@ -508,7 +591,7 @@ fn plain_word(w: u64) -> bool {
 /// A string as Python's `json.dumps(..., ensure_ascii=True)` writes it:
 /// printable ASCII but `"` and `\\` as it is, in runs; everything else
 /// escaped (`\\uXXXX` in UTF-16 units outside ASCII).
-fn write_string(out: &mut String, s: &str) -> Result<(), CanonicalError> {
+pub(crate) fn write_string(out: &mut String, s: &str) -> Result<(), CanonicalError> {
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push('"');

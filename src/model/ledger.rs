@@ -20,8 +20,7 @@
 //!   events again.
 
 use super::event::Event;
-use crate::reducer::Reducer;
-use serde_json::{Map, Value};
+use crate::reducer::{Reducer, State};
 
 /// What an arriving event turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +40,7 @@ const REPLAY_MAX_EVENTS: usize = 1024;
 /// The last snapshot's state and every event folded since, as received.
 #[derive(Debug, Clone)]
 struct Replay {
-    base: Map<String, Value>,
+    base: State,
     events: Vec<Event>,
 }
 
@@ -49,7 +48,7 @@ struct Replay {
 #[derive(Debug, Clone)]
 pub struct Ledger {
     reducer: Reducer,
-    state: Map<String, Value>,
+    state: State,
     /// Version and sequence of the last snapshot (or of the one started from).
     snap_version: i32,
     snap_seq: i64,
@@ -67,7 +66,7 @@ pub struct Ledger {
 
 impl Ledger {
     /// A new entity: the reducer's initial state, nothing folded.
-    pub fn new(reducer: Reducer, initial: Map<String, Value>) -> Ledger {
+    pub fn new(reducer: Reducer, initial: State) -> Ledger {
         Ledger {
             reducer,
             state: initial,
@@ -82,7 +81,7 @@ impl Ledger {
         }
     }
 
-    pub fn state(&self) -> &Map<String, Value> {
+    pub fn state(&self) -> &State {
         &self.state
     }
 
@@ -142,7 +141,7 @@ impl Ledger {
 
     /// Start from a stored (or pending) snapshot: everything up to its
     /// sequence counts as covered by it.
-    pub fn start_from(&mut self, state: Map<String, Value>, version: i32, sequence: i64) {
+    pub fn start_from(&mut self, state: State, version: i32, sequence: i64) {
         self.state = state;
         self.snap_version = version;
         self.snap_seq = sequence;
@@ -229,7 +228,7 @@ impl Ledger {
     /// Re-fold the window in sequence order: `base` is the last snapshot's
     /// state (at [`Self::snapshot_position`]) and `events` the table's after
     /// it; or, `from_start`, the reducer's initial state and every event.
-    pub fn refold(&mut self, base: Map<String, Value>, from_start: bool, events: Vec<Event>) {
+    pub fn refold(&mut self, base: State, from_start: bool, events: Vec<Event>) {
         if from_start {
             self.snap_version = 0;
             self.snap_seq = 0;
@@ -246,7 +245,7 @@ impl Ledger {
     /// Replace everything with the table's replay of the workflow up to
     /// `upto` (`events` are all of them, in order): that becomes the
     /// snapshot position.
-    pub fn replay(&mut self, initial: Map<String, Value>, events: Vec<Event>, upto: i64) {
+    pub fn replay(&mut self, initial: State, events: Vec<Event>, upto: i64) {
         self.replay = None;
         self.state = initial;
         self.folded.clear();
@@ -284,6 +283,7 @@ mod tests {
     use crate::model::canonical::NumberForm;
     use crate::model::event::parse_timestamp;
     use crate::model::{EntityKey, EntityType};
+    use serde_json::Value;
     use serde_json::json;
     use std::sync::Arc;
 
@@ -311,7 +311,7 @@ mod tests {
     }
 
     fn keys(ledger: &Ledger) -> Vec<String> {
-        ledger.state().keys().cloned().collect()
+        ledger.state().to_map().keys().cloned().collect()
     }
 
     #[test]
@@ -367,7 +367,7 @@ mod tests {
         let Value::Object(base) = json!({"s5": 5}) else {
             unreachable!()
         };
-        l.start_from(base, 4, 5);
+        l.start_from(State::Tree(base), 4, 5);
         // With the table: the table decides, nothing is folded.
         assert_eq!(l.receive(event(3), true), Receipt::Settle);
         assert_eq!(l.window_len(), 0);
@@ -409,11 +409,15 @@ mod tests {
         l.receive(set(3), true);
         l.receive(set(3), true); // a duplicate is not kept twice
         assert!(l.is_dirty());
-        assert_eq!(l.state()["k"], json!(3), "arrival order before the refold");
+        assert_eq!(
+            l.state().to_map()["k"],
+            json!(3),
+            "arrival order before the refold"
+        );
         assert_eq!(l.window_sequences(), [3, 5]);
         assert!(l.refold_in_memory());
         assert!(!l.is_dirty());
-        assert_eq!(l.state()["k"], json!(5), "sequence order after it");
+        assert_eq!(l.state().to_map()["k"], json!(5), "sequence order after it");
         assert_eq!(keys(&l), ["k", "s1", "s2", "s3", "s5"]);
         assert_eq!(l.next_position(), Some((4, 5)));
         // A table replay forgets what was kept until the next snapshot.

@@ -3,6 +3,7 @@
 use super::canonical::{
     CanonicalError, NumberForm, canonical_object, normalize_value_as, sha256_hex, state_hash,
 };
+use crate::reducer::State;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -199,12 +200,49 @@ impl PreparedSnapshot {
         workflow_id: Arc<str>,
         version: i32,
         sequence: i64,
+        state: &State,
+    ) -> Result<Self, CanonicalError> {
+        let (canonical, state_text) = state.texts()?;
+        Ok(Self::from_texts(
+            key,
+            workflow_id,
+            version,
+            sequence,
+            &canonical,
+            state_text,
+        ))
+    }
+
+    /// [`Self::from_state`] of a JSON object.
+    pub fn from_map(
+        key: EntityKey,
+        workflow_id: Arc<str>,
+        version: i32,
+        sequence: i64,
         state: &Map<String, Value>,
     ) -> Result<Self, CanonicalError> {
         let canonical = canonical_object(state)?;
-        let state_hash = sha256_hex(canonical.as_bytes());
         let state_text = serde_json::to_string(state).expect("a JSON map serialises");
-        Ok(PreparedSnapshot {
+        Ok(Self::from_texts(
+            key,
+            workflow_id,
+            version,
+            sequence,
+            &canonical,
+            state_text,
+        ))
+    }
+
+    fn from_texts(
+        key: EntityKey,
+        workflow_id: Arc<str>,
+        version: i32,
+        sequence: i64,
+        canonical: &str,
+        state_text: String,
+    ) -> Self {
+        let state_hash = sha256_hex(canonical.as_bytes());
+        PreparedSnapshot {
             key,
             workflow_id,
             version,
@@ -216,7 +254,7 @@ impl PreparedSnapshot {
             first_row: false,
             fence: None,
             due_at: None,
-        })
+        }
     }
 
     /// Back to a [`Snapshot`] (state parsed again), for the rare reader.
@@ -239,7 +277,7 @@ impl Snapshot {
         let Value::Object(state) = &self.state else {
             return Err("state must be a JSON object".to_string());
         };
-        let prepared = PreparedSnapshot::from_state(
+        let prepared = PreparedSnapshot::from_map(
             self.key.clone(),
             self.workflow_id.clone(),
             self.version,

@@ -5,10 +5,61 @@
 
 pub mod merge;
 pub mod stabilize;
+pub mod workflow;
 
+use crate::model::canonical::{CanonicalError, canonical_object};
 use crate::model::event::Event;
 use crate::model::{EntityKey, EntityType};
 use serde_json::{Map, Value};
+use workflow::WorkflowState;
+
+/// An entity's state as a reducer keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum State {
+    /// stabilize's workflow state, its values kept as text.
+    Workflow(Box<WorkflowState>),
+    /// Any JSON object: the merge reducer's state, or a stored workflow
+    /// state of a shape [`WorkflowState`] does not hold.
+    Tree(Map<String, Value>),
+}
+
+impl State {
+    /// The state as a tree, made one if it is not.
+    fn tree(&mut self) -> &mut Map<String, Value> {
+        if let State::Workflow(state) = self {
+            *self = State::Tree(state.to_map());
+        }
+        match self {
+            State::Tree(map) => map,
+            State::Workflow(_) => unreachable!("made a tree above"),
+        }
+    }
+
+    /// The state as a JSON object.
+    pub fn to_map(&self) -> Map<String, Value> {
+        match self {
+            State::Workflow(state) => state.to_map(),
+            State::Tree(map) => map.clone(),
+        }
+    }
+
+    /// The canonical text the hash is taken over, and the stored text.
+    pub fn texts(&self) -> Result<(String, String), CanonicalError> {
+        match self {
+            State::Workflow(state) => {
+                let mut stored = String::with_capacity(1024);
+                state.write_stored(&mut stored);
+                let mut canonical = String::with_capacity(stored.len() + stored.len() / 4);
+                state.write_canonical(&mut canonical)?;
+                Ok((canonical, stored))
+            }
+            State::Tree(map) => Ok((
+                canonical_object(map)?,
+                serde_json::to_string(map).expect("a JSON map serialises"),
+            )),
+        }
+    }
+}
 
 /// The configured reducer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,27 +85,40 @@ impl Reducer {
     }
 
     /// The state before any event.
-    pub fn initial(self, key: &EntityKey) -> Map<String, Value> {
+    pub fn initial(self, key: &EntityKey) -> State {
         match self {
-            Reducer::Stabilize => stabilize::initial(&key.entity_id),
-            Reducer::Merge => Map::new(),
+            Reducer::Stabilize => State::Workflow(Box::new(WorkflowState::new(&key.entity_id))),
+            Reducer::Merge => State::Tree(Map::new()),
+        }
+    }
+
+    /// A state read back from the store (numbers in the store's form).
+    pub fn from_stored(self, map: Map<String, Value>) -> State {
+        match self {
+            Reducer::Stabilize => match WorkflowState::from_map(&map) {
+                Some(state) => State::Workflow(Box::new(state)),
+                None => State::Tree(map),
+            },
+            Reducer::Merge => State::Tree(map),
         }
     }
 
     /// Fold one event into `state`.
-    pub fn fold(self, state: &mut Map<String, Value>, event: &Event) {
-        match self {
-            Reducer::Stabilize => stabilize::apply(state, event),
-            Reducer::Merge => merge::apply(state, event),
+    pub fn fold(self, state: &mut State, event: &Event) {
+        match (self, state) {
+            (Reducer::Stabilize, State::Workflow(state)) => state.apply(event),
+            (Reducer::Stabilize, State::Tree(map)) => stabilize::apply(map, event),
+            (Reducer::Merge, state) => merge::apply(state.tree(), event),
         }
     }
 
     /// [`Self::fold`] an event no longer needed: its values are moved into
     /// the state instead of copied.
-    pub fn fold_owned(self, state: &mut Map<String, Value>, event: Event) {
-        match self {
-            Reducer::Stabilize => stabilize::apply_owned(state, event),
-            Reducer::Merge => merge::apply_owned(state, event),
+    pub fn fold_owned(self, state: &mut State, event: Event) {
+        match (self, state) {
+            (Reducer::Stabilize, State::Workflow(state)) => state.apply_owned(event),
+            (Reducer::Stabilize, State::Tree(map)) => stabilize::apply_owned(map, event),
+            (Reducer::Merge, state) => merge::apply_owned(state.tree(), event),
         }
     }
 }

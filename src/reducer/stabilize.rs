@@ -214,7 +214,7 @@ fn apply_child(state: &mut Map<String, Value>, table: &str, event: &Event, data:
 /// `n + 1` as Python computes it (exact for ints, float for floats), in
 /// the form the state's numbers are kept in: on SQLite a float of 1e16 or
 /// more stays a float (`1e+16`), where JSONB would make it an integer.
-fn plus_one(literal: &str, form: NumberForm) -> Option<Number> {
+pub(crate) fn plus_one(literal: &str, form: NumberForm) -> Option<Number> {
     let text = if literal.contains(['.', 'e', 'E']) {
         let value: f64 = literal.parse().ok()?;
         let sum = value + 1.0;

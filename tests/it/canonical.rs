@@ -6,6 +6,7 @@ use proptest::prelude::*;
 use serde_json::Value;
 use snapshotd::model::canonical::{
     NumberForm, canonical_json, normalize_number, normalize_value, normalize_value_as, state_hash,
+    write_canonical_from_stored,
 };
 
 #[derive(serde::Deserialize)]
@@ -139,6 +140,17 @@ proptest! {
         let text = canonical_json(&value).unwrap();
         let again: Value = serde_json::from_str(&text).unwrap();
         prop_assert_eq!(canonical_json(&again).unwrap(), text);
+    }
+
+    #[test]
+    fn the_canonical_text_written_from_the_stored_text_is_the_trees(mut value in json_value()) {
+        for form in [NumberForm::Jsonb, NumberForm::Python] {
+            normalize_value_as(&mut value, form).unwrap();
+            let stored = serde_json::to_string(&value).unwrap();
+            let mut from_stored = String::from("x");
+            write_canonical_from_stored(&mut from_stored, &stored).unwrap();
+            prop_assert_eq!(&from_stored[1..], canonical_json(&value).unwrap(), "stored {}", stored);
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod backfill;
 mod canonical;
 mod cli;
 mod cluster;
+mod compact_state;
 mod crosscheck;
 mod daemon;
 mod feed;

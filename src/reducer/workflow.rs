@@ -1,0 +1,421 @@
+//! stabilize's workflow state kept compact: the same fold as
+//! [`super::stabilize`], into fields and maps whose values are kept as
+//! their stored JSON text, not as `serde_json::Value` trees.
+//!
+//! A tree keeps every string, number and map node in an allocation of its
+//! own; a workflow's contexts and outputs make most of its state, and a
+//! reducer never looks inside them. Kept as text, a value costs about its
+//! length, is written into the stored state by a copy, and into the
+//! canonical text the hash is taken over by one pass
+//! ([`write_canonical_from_stored`]), with no tree walked.
+//!
+//! [`super::stabilize`]'s tree fold stays the reference: a stored state of
+//! a shape this one does not hold (a key stabilize never writes) is folded
+//! as a tree, and the tests fold both ways and compare the texts.
+
+use super::stabilize::{CURRENT_SCHEMA_VERSION, Data, plus_one};
+use crate::model::EntityType;
+use crate::model::canonical::{CanonicalError, write_canonical_from_stored, write_string};
+use crate::model::event::{Event, render_timestamp};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// One JSON value as stored: `serde_json`'s compact text of it, numbers in
+/// the store's form, object keys in code point order.
+pub type Text = Box<str>;
+
+/// The keys a stage or task entry can have, in code point order (the order
+/// both texts write them in).
+const CHILD_KEYS: [&str; 12] = [
+    "end_time",
+    "error",
+    "id",
+    "name",
+    "outputs",
+    "ref_id",
+    "retry_count",
+    "skip_reason",
+    "stage_id",
+    "start_time",
+    "status",
+    "type",
+];
+const END_TIME: usize = 0;
+const ERROR: usize = 1;
+const ID: usize = 2;
+const NAME: usize = 3;
+const OUTPUTS: usize = 4;
+const REF_ID: usize = 5;
+const RETRY_COUNT: usize = 6;
+const SKIP_REASON: usize = 7;
+const STAGE_ID: usize = 8;
+const START_TIME: usize = 9;
+const STATUS: usize = 10;
+const TYPE: usize = 11;
+
+/// A stage or task entry: each key's value, if the entry has the key.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Child([Option<Text>; 12]);
+
+/// `WorkflowState.to_dict()`, compact.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkflowState {
+    application: Text,
+    context: BTreeMap<Box<str>, Text>,
+    end_time: Text,
+    name: Text,
+    stages: BTreeMap<Box<str>, Child>,
+    start_time: Text,
+    status: Text,
+    tasks: BTreeMap<Box<str>, Child>,
+    workflow_id: Text,
+}
+
+/// The top-level keys, in code point order.
+const TOP_KEYS: [&str; 9] = [
+    "application",
+    "context",
+    "end_time",
+    "name",
+    "stages",
+    "start_time",
+    "status",
+    "tasks",
+    "workflow_id",
+];
+
+fn null() -> Text {
+    "null".into()
+}
+
+/// The stored text of a string.
+fn string(s: &str) -> Text {
+    let mut out = String::with_capacity(s.len() + 2);
+    push_stored_string(&mut out, s);
+    out.into()
+}
+
+fn value(v: Value) -> Text {
+    match v {
+        Value::Null => null(),
+        Value::String(s) => string(&s),
+        v => serde_json::to_string(&v)
+            .expect("a JSON value serialises")
+            .into(),
+    }
+}
+
+fn time(event: &Event) -> Text {
+    string(&render_timestamp(&event.timestamp))
+}
+
+/// `data.get(key, default)`, as text.
+fn get_or(data: &mut impl Data, key: &str, default: fn() -> Text) -> Text {
+    data.take(key).map_or_else(default, value)
+}
+
+/// A string as `serde_json` writes it: as it is when nothing needs an
+/// escape, which is nearly always so for ids and keys.
+fn push_stored_string(out: &mut String, s: &str) {
+    if s.bytes().all(|b| b >= b' ' && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).expect("a string serialises"));
+    }
+}
+
+impl WorkflowState {
+    /// `WorkflowState(workflow_id).to_dict()`.
+    pub fn new(workflow_id: &str) -> WorkflowState {
+        WorkflowState {
+            application: null(),
+            context: BTreeMap::new(),
+            end_time: null(),
+            name: null(),
+            stages: BTreeMap::new(),
+            start_time: null(),
+            status: null(),
+            tasks: BTreeMap::new(),
+            workflow_id: string(workflow_id),
+        }
+    }
+
+    /// `EventReplayer._apply_event`, cloning what it keeps of the event.
+    pub fn apply(&mut self, event: &Event) {
+        self.apply_with(event, &mut &event.data);
+    }
+
+    /// [`Self::apply`], moving `data`'s values out of the event.
+    pub fn apply_owned(&mut self, mut event: Event) {
+        let mut data = std::mem::take(&mut event.data);
+        self.apply_with(&event, &mut data);
+    }
+
+    fn apply_with(&mut self, event: &Event, data: &mut impl Data) {
+        if event.schema_version > CURRENT_SCHEMA_VERSION {
+            return;
+        }
+        match event.entity_type {
+            EntityType::Workflow => self.apply_workflow(event, data),
+            EntityType::Stage => apply_child(&mut self.stages, "stage", event, data),
+            EntityType::Task => apply_child(&mut self.tasks, "task", event, data),
+        }
+    }
+
+    /// `dict.update(data["context"])` when it is an object.
+    fn merge_context(&mut self, data: &mut impl Data) {
+        if let Some(Value::Object(update)) = data.take("context") {
+            for (k, v) in update {
+                self.context.insert(k.into(), value(v));
+            }
+        }
+    }
+
+    fn apply_workflow(&mut self, event: &Event, data: &mut impl Data) {
+        match &*event.event_type {
+            "workflow.created" => {
+                self.application = get_or(data, "application", null);
+                self.name = get_or(data, "name", null);
+            }
+            "workflow.started" => {
+                self.start_time = time(event);
+                self.status = string("RUNNING");
+                self.merge_context(data);
+            }
+            "workflow.completed" => {
+                self.end_time = time(event);
+                self.status = get_or(data, "status", || string("SUCCEEDED"));
+            }
+            "workflow.failed" => {
+                self.end_time = time(event);
+                self.status = get_or(data, "status", || string("TERMINAL"));
+            }
+            "workflow.canceled" => {
+                self.end_time = time(event);
+                self.status = string("CANCELED");
+            }
+            "workflow.paused" => self.status = string("PAUSED"),
+            "workflow.resumed" => self.status = string("RUNNING"),
+            "context.updated" => self.merge_context(data),
+            _ => {}
+        }
+    }
+
+    /// The state in a shape this type holds: exactly the keys
+    /// `to_dict()` writes, `context`, `stages` and `tasks` objects, and
+    /// every stage and task an object of keys stabilize writes. Anything
+    /// else (a row not written by stabilize or snapshotd) is `None`, to be
+    /// folded as a tree.
+    pub fn from_map(map: &Map<String, Value>) -> Option<WorkflowState> {
+        if map.len() != TOP_KEYS.len() {
+            return None;
+        }
+        let text = |key: &str| map.get(key).map(|v| value(v.clone()));
+        let children = |key: &str| -> Option<BTreeMap<Box<str>, Child>> {
+            let Value::Object(entries) = map.get(key)? else {
+                return None;
+            };
+            entries
+                .iter()
+                .map(|(id, entry)| {
+                    let Value::Object(fields) = entry else {
+                        return None;
+                    };
+                    let mut child = Child::default();
+                    for (k, v) in fields {
+                        let slot = CHILD_KEYS.iter().position(|c| c == k)?;
+                        child.0[slot] = Some(value(v.clone()));
+                    }
+                    Some((id.as_str().into(), child))
+                })
+                .collect()
+        };
+        let Value::Object(context) = map.get("context")? else {
+            return None;
+        };
+        Some(WorkflowState {
+            application: text("application")?,
+            context: context
+                .iter()
+                .map(|(k, v)| (k.as_str().into(), value(v.clone())))
+                .collect(),
+            end_time: text("end_time")?,
+            name: text("name")?,
+            stages: children("stages")?,
+            start_time: text("start_time")?,
+            status: text("status")?,
+            tasks: children("tasks")?,
+            workflow_id: text("workflow_id")?,
+        })
+    }
+
+    /// The state as a JSON object (for the rare reader and the tests).
+    pub fn to_map(&self) -> Map<String, Value> {
+        let mut stored = String::new();
+        self.write_stored(&mut stored);
+        serde_json::from_str(&stored).expect("the stored text is a JSON object")
+    }
+
+    /// Append the stored text: what `serde_json` writes for
+    /// [`Self::to_map`].
+    pub fn write_stored(&self, out: &mut String) {
+        let key = |out: &mut String, key: &str| {
+            push_stored_string(out, key);
+            Ok(())
+        };
+        let text = |out: &mut String, text: &str| {
+            out.push_str(text);
+            Ok(())
+        };
+        self.write(out, ",", ":", key, text)
+            .expect("writing stored text cannot fail");
+    }
+
+    /// Append the canonical text the hash is taken over:
+    /// `canonical_json(self.to_map())`.
+    pub fn write_canonical(&self, out: &mut String) -> Result<(), CanonicalError> {
+        self.write(out, ", ", ": ", write_string, write_canonical_from_stored)
+    }
+
+    /// The one walk both texts share: keys in code point order, each value
+    /// written by `text`.
+    fn write(
+        &self,
+        out: &mut String,
+        comma: &str,
+        colon: &str,
+        key: impl Fn(&mut String, &str) -> Result<(), CanonicalError>,
+        text: impl Fn(&mut String, &str) -> Result<(), CanonicalError>,
+    ) -> Result<(), CanonicalError> {
+        let entry = |out: &mut String, i: usize, k: &str| {
+            if i > 0 {
+                out.push_str(comma);
+            }
+            key(out, k)?;
+            out.push_str(colon);
+            Ok::<_, CanonicalError>(())
+        };
+        let children = |out: &mut String, map: &BTreeMap<Box<str>, Child>| {
+            out.push('{');
+            for (i, (id, child)) in map.iter().enumerate() {
+                entry(out, i, id)?;
+                out.push('{');
+                let present = CHILD_KEYS
+                    .iter()
+                    .zip(&child.0)
+                    .filter_map(|(k, v)| Some((*k, v.as_deref()?)));
+                for (j, (k, v)) in present.enumerate() {
+                    entry(out, j, k)?;
+                    text(out, v)?;
+                }
+                out.push('}');
+            }
+            out.push('}');
+            Ok(())
+        };
+        out.push('{');
+        for (i, k) in TOP_KEYS.iter().enumerate() {
+            entry(out, i, k)?;
+            match i {
+                0 => text(out, &self.application)?,
+                1 => {
+                    out.push('{');
+                    for (j, (k, v)) in self.context.iter().enumerate() {
+                        entry(out, j, k)?;
+                        text(out, v)?;
+                    }
+                    out.push('}');
+                }
+                2 => text(out, &self.end_time)?,
+                3 => text(out, &self.name)?,
+                4 => children(out, &self.stages)?,
+                5 => text(out, &self.start_time)?,
+                6 => text(out, &self.status)?,
+                7 => children(out, &self.tasks)?,
+                _ => text(out, &self.workflow_id)?,
+            }
+        }
+        out.push('}');
+        Ok(())
+    }
+}
+
+/// Stage and task events: the first event of any type creates the entry.
+fn apply_child(
+    children: &mut BTreeMap<Box<str>, Child>,
+    kind: &str,
+    event: &Event,
+    data: &mut impl Data,
+) {
+    let id = &*event.entity_id;
+    let child = children.entry(id.into()).or_insert_with(|| {
+        let mut child = Child::default();
+        child.0[ID] = Some(string(id));
+        let fields: &[usize] = if kind == "stage" {
+            &[REF_ID, TYPE, NAME]
+        } else {
+            &[NAME, STAGE_ID]
+        };
+        for &field in fields {
+            child.0[field] = Some(get_or(data, CHILD_KEYS[field], null));
+        }
+        child
+    });
+    let Some(action) = event
+        .event_type
+        .strip_prefix(kind)
+        .and_then(|t| t.strip_prefix('.'))
+    else {
+        return;
+    };
+    let c = &mut child.0;
+    match (kind, action) {
+        (_, "started") => {
+            c[STATUS] = Some(string("RUNNING"));
+            c[START_TIME] = Some(time(event));
+        }
+        (_, "completed") => {
+            c[STATUS] = Some(get_or(data, "status", || string("SUCCEEDED")));
+            c[END_TIME] = Some(time(event));
+            if let Some(outputs) = data.take("outputs") {
+                c[OUTPUTS] = Some(value(outputs));
+            }
+        }
+        (_, "failed") => {
+            c[STATUS] = Some(get_or(data, "status", || string("TERMINAL")));
+            c[END_TIME] = Some(time(event));
+            c[ERROR] = Some(get_or(data, "error", null));
+        }
+        ("stage", "skipped") => {
+            c[STATUS] = Some(string("SKIPPED"));
+            c[SKIP_REASON] = Some(get_or(data, "reason", null));
+        }
+        ("stage", "canceled") => c[STATUS] = Some(string("CANCELED")),
+        ("stage", "suspended") => c[STATUS] = Some(string("SUSPENDED")),
+        ("stage", "resumed") => c[STATUS] = Some(string("RUNNING")),
+        ("task", "retried") => {
+            // data.get("retry_count", task.get("retry_count", 0) + 1)
+            let count = match data.take("retry_count") {
+                Some(given) => Some(value(given)),
+                None => match c[RETRY_COUNT].as_deref() {
+                    None => Some("1".into()),
+                    Some(n)
+                        if n.starts_with([
+                            '-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9',
+                        ]) =>
+                    {
+                        plus_one(n, event.numbers).map(|n| n.as_str().into())
+                    }
+                    // Python raises TypeError here; the count is left as it was.
+                    Some(_) => None,
+                },
+            };
+            if let Some(count) = count {
+                c[RETRY_COUNT] = Some(count);
+            }
+        }
+        _ => {}
+    }
+}
