@@ -21,7 +21,9 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 /// One JSON value as stored: `serde_json`'s compact text of it, numbers in
-/// the store's form, object keys in code point order.
+/// the store's form, object keys in code point order; `null` is kept as
+/// the empty text, which takes no allocation (most of a young workflow's
+/// fields are `null`).
 pub type Text = Box<str>;
 
 /// The keys a stage or task entry can have, in code point order (the order
@@ -54,8 +56,10 @@ const STATUS: usize = 10;
 const TYPE: usize = 11;
 
 /// A stage or task entry: each key's value, if the entry has the key.
+/// Boxed: inline, the array would make every slot of the map's nodes
+/// 200 bytes, most of them empty.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Child([Option<Text>; 12]);
+pub struct Child(Box<[Option<Text>; 12]>);
 
 /// `WorkflowState.to_dict()`, compact.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,7 +89,12 @@ const TOP_KEYS: [&str; 9] = [
 ];
 
 fn null() -> Text {
-    "null".into()
+    Text::default()
+}
+
+/// The JSON a kept text stands for.
+fn json(text: &str) -> &str {
+    if text.is_empty() { "null" } else { text }
 }
 
 /// The stored text of a string.
@@ -304,11 +313,11 @@ impl WorkflowState {
                 out.push('{');
                 let present = CHILD_KEYS
                     .iter()
-                    .zip(&child.0)
+                    .zip(child.0.iter())
                     .filter_map(|(k, v)| Some((*k, v.as_deref()?)));
                 for (j, (k, v)) in present.enumerate() {
                     entry(out, j, k)?;
-                    text(out, v)?;
+                    text(out, json(v))?;
                 }
                 out.push('}');
             }
@@ -319,22 +328,22 @@ impl WorkflowState {
         for (i, k) in TOP_KEYS.iter().enumerate() {
             entry(out, i, k)?;
             match i {
-                0 => text(out, &self.application)?,
+                0 => text(out, json(&self.application))?,
                 1 => {
                     out.push('{');
                     for (j, (k, v)) in self.context.iter().enumerate() {
                         entry(out, j, k)?;
-                        text(out, v)?;
+                        text(out, json(v))?;
                     }
                     out.push('}');
                 }
-                2 => text(out, &self.end_time)?,
-                3 => text(out, &self.name)?,
+                2 => text(out, json(&self.end_time))?,
+                3 => text(out, json(&self.name))?,
                 4 => children(out, &self.stages)?,
-                5 => text(out, &self.start_time)?,
-                6 => text(out, &self.status)?,
+                5 => text(out, json(&self.start_time))?,
+                6 => text(out, json(&self.status))?,
                 7 => children(out, &self.tasks)?,
-                _ => text(out, &self.workflow_id)?,
+                _ => text(out, json(&self.workflow_id))?,
             }
         }
         out.push('}');
@@ -370,7 +379,7 @@ fn apply_child(
     else {
         return;
     };
-    let c = &mut child.0;
+    let c = &mut *child.0;
     match (kind, action) {
         (_, "started") => {
             c[STATUS] = Some(string("RUNNING"));
