@@ -2,7 +2,8 @@
 //! event is decoded and folded, in order, into one state per entity (by
 //! each reducer and number form), and every state canonicalised and
 //! hashed at the end. Must never panic, and stabilize's compact state must
-//! write the texts its tree fold writes.
+//! write the texts its tree fold writes and read back from its stored form
+//! unchanged.
 #![no_main]
 
 mod common;
@@ -45,6 +46,9 @@ fuzz_target!(|data: &[u8]| {
                 if let Some(tree) = trees.get(key) {
                     let expected = State::Tree(tree.clone()).texts();
                     assert_eq!(state.texts(), expected, "{key}: compact and tree folds differ");
+                    // Read back from the store, the state is the same again.
+                    let again = reducer.from_stored(state.to_map());
+                    assert_eq!(&again, state, "{key}: a stored state reads back differently");
                 }
             }
         }

@@ -191,19 +191,21 @@ fn apply_child(state: &mut Map<String, Value>, table: &str, event: &Event, data:
             child.insert("status".into(), text("RUNNING"));
         }
         ("task", "retried") => {
-            // data.get("retry_count", task.get("retry_count", 0) + 1)
-            let count = match data.take("retry_count") {
-                Some(given) => Some(given),
-                None => match child.get("retry_count") {
-                    None => Some(Value::Number(Number::from(1))),
-                    Some(Value::Number(n)) => {
-                        plus_one(n.as_str(), event.numbers).map(Value::Number)
-                    }
-                    // Python raises TypeError here; the count is left as it was.
-                    Some(_) => None,
-                },
+            // data.get("retry_count", task.get("retry_count", 0) + 1): Python
+            // adds one to the kept count first, even when the event names
+            // the count. A count it cannot add to raises TypeError; the
+            // count is then left as it was.
+            let next = match child.get("retry_count") {
+                None => Ok(Some(Value::Number(Number::from(1)))),
+                Some(Value::Number(n)) => {
+                    Ok(plus_one(n.as_str(), event.numbers).map(Value::Number))
+                }
+                Some(Value::Bool(b)) => Ok(Some(Value::Number(Number::from(u8::from(*b) + 1)))),
+                Some(_) => Err(()),
             };
-            if let Some(count) = count {
+            if let Ok(next) = next
+                && let Some(count) = data.take("retry_count").or(next)
+            {
                 child.insert("retry_count".into(), count);
             }
         }
@@ -231,25 +233,52 @@ pub(crate) fn plus_one(literal: &str, form: NumberForm) -> Option<Number> {
     Some(Number::from_string_unchecked(text))
 }
 
-/// Add one to a decimal integer of any size.
+/// Add one to a decimal integer of any size, as Python's `int` does.
 fn increment_decimal(literal: &str) -> Option<String> {
-    if let Ok(n) = literal.parse::<i128>() {
-        return n.checked_add(1).map(|n| n.to_string());
+    if let Ok(n) = literal.parse::<i128>()
+        && let Some(sum) = n.checked_add(1)
+    {
+        return Some(sum.to_string());
     }
-    let digits = literal.strip_prefix('-').map_or(Some(literal), |_| None)?;
+    let (negative, digits) = match literal.strip_prefix('-') {
+        Some(digits) => (true, digits),
+        None => (false, literal),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let mut bytes = digits.as_bytes().to_vec();
     let mut i = bytes.len();
-    loop {
-        if i == 0 {
-            bytes.insert(0, b'1');
-            break;
+    if negative {
+        // Below i128: -n + 1 is -(n - 1), and n - 1 is still far from zero.
+        while i > 0 {
+            i -= 1;
+            if bytes[i] == b'0' {
+                bytes[i] = b'9';
+            } else {
+                bytes[i] -= 1;
+                break;
+            }
         }
-        i -= 1;
-        if bytes[i] == b'9' {
-            bytes[i] = b'0';
-        } else {
-            bytes[i] += 1;
-            break;
+        let start = bytes
+            .iter()
+            .position(|&b| b != b'0')
+            .unwrap_or(bytes.len() - 1);
+        bytes.drain(..start);
+        bytes.insert(0, b'-');
+    } else {
+        loop {
+            if i == 0 {
+                bytes.insert(0, b'1');
+                break;
+            }
+            i -= 1;
+            if bytes[i] == b'9' {
+                bytes[i] = b'0';
+            } else {
+                bytes[i] += 1;
+                break;
+            }
         }
     }
     String::from_utf8(bytes).ok()
@@ -387,6 +416,40 @@ mod tests {
             "100000000000000000000000000000000000000000"
         );
         assert_eq!(plus_one("1.5", NumberForm::Jsonb).unwrap().as_str(), "2.5");
+        // Past i128, both ways, as Python's int.
+        assert_eq!(
+            increment_decimal(&i128::MAX.to_string()).unwrap(),
+            "170141183460469231731687303715884105728"
+        );
+        assert_eq!(
+            increment_decimal(&format!("-1{}", "0".repeat(40))).unwrap(),
+            format!("-{}", "9".repeat(40))
+        );
+        assert_eq!(
+            increment_decimal("-170141183460469231731687303715884105729").unwrap(),
+            i128::MIN.to_string()
+        );
+    }
+
+    #[test]
+    fn a_retry_adds_one_first_as_python_evaluates_the_default() {
+        let retried = |data| event(Task, "t", "task.retried", data);
+        let set = |count: Value| {
+            let mut e = retried(json!({}));
+            e.data.insert("retry_count".into(), count);
+            e
+        };
+        // True + 1 == 2 in Python.
+        let state = replay(&[set(json!(true)), retried(json!({}))]);
+        assert_eq!(state["tasks"]["t"]["retry_count"], json!(2));
+        // A count Python cannot add one to raises TypeError even when the
+        // event names the new count: the count is left as it was.
+        for odd in [json!("3"), json!(null), json!([1])] {
+            let state = replay(&[set(odd.clone()), set(json!(5))]);
+            assert_eq!(state["tasks"]["t"]["retry_count"], odd);
+        }
+        let state = replay(&[set(json!(1)), set(json!(7))]);
+        assert_eq!(state["tasks"]["t"]["retry_count"], json!(7));
     }
 
     #[test]

@@ -261,10 +261,39 @@ impl WorkflowState {
     }
 
     /// The state as a JSON object (for the rare reader and the tests).
+    /// Each value is parsed on its own: the state nests values two levels
+    /// deeper than the events they came from, which could pass the JSON
+    /// parser's depth limit as a whole.
     pub fn to_map(&self) -> Map<String, Value> {
-        let mut stored = String::new();
-        self.write_stored(&mut stored);
-        serde_json::from_str(&stored).expect("the stored text is a JSON object")
+        let parse = |text: &str| -> Value {
+            serde_json::from_str(json(text)).expect("a kept text is JSON")
+        };
+        let children = |map: &BTreeMap<Box<str>, Child>| -> Value {
+            let entries = map.iter().map(|(id, child)| {
+                let fields = CHILD_KEYS
+                    .iter()
+                    .zip(child.0.iter())
+                    .filter_map(|(k, v)| Some((k.to_string(), parse(v.as_deref()?))));
+                (id.to_string(), Value::Object(fields.collect()))
+            });
+            Value::Object(entries.collect())
+        };
+        let context = self
+            .context
+            .iter()
+            .map(|(k, v)| (k.to_string(), parse(v)))
+            .collect();
+        let mut map = Map::new();
+        map.insert("application".into(), parse(&self.application));
+        map.insert("context".into(), Value::Object(context));
+        map.insert("end_time".into(), parse(&self.end_time));
+        map.insert("name".into(), parse(&self.name));
+        map.insert("stages".into(), children(&self.stages));
+        map.insert("start_time".into(), parse(&self.start_time));
+        map.insert("status".into(), parse(&self.status));
+        map.insert("tasks".into(), children(&self.tasks));
+        map.insert("workflow_id".into(), parse(&self.workflow_id));
+        map
     }
 
     /// Append the stored text: what `serde_json` writes for
@@ -405,23 +434,23 @@ fn apply_child(
         ("stage", "suspended") => c[STATUS] = Some(string("SUSPENDED")),
         ("stage", "resumed") => c[STATUS] = Some(string("RUNNING")),
         ("task", "retried") => {
-            // data.get("retry_count", task.get("retry_count", 0) + 1)
-            let count = match data.take("retry_count") {
-                Some(given) => Some(value(given)),
-                None => match c[RETRY_COUNT].as_deref() {
-                    None => Some("1".into()),
-                    Some(n)
-                        if n.starts_with([
-                            '-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9',
-                        ]) =>
-                    {
-                        plus_one(n, event.numbers).map(|n| n.as_str().into())
-                    }
-                    // Python raises TypeError here; the count is left as it was.
-                    Some(_) => None,
-                },
+            // data.get("retry_count", task.get("retry_count", 0) + 1), the
+            // default first (see `stabilize`): a count Python cannot add one
+            // to leaves the count as it was.
+            let next = match c[RETRY_COUNT].as_deref() {
+                None => Ok(Some("1".into())),
+                Some("true") => Ok(Some("2".into())),
+                Some("false") => Ok(Some("1".into())),
+                Some(n)
+                    if n.starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']) =>
+                {
+                    Ok(plus_one(n, event.numbers).map(|n| n.as_str().into()))
+                }
+                Some(_) => Err(()),
             };
-            if let Some(count) = count {
+            if let Ok(next) = next
+                && let Some(count) = data.take("retry_count").map(value).or(next)
+            {
                 c[RETRY_COUNT] = Some(count);
             }
         }

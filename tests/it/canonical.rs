@@ -122,13 +122,18 @@ pub fn json_value() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         number,
-        "[ -~\u{80}-\u{10ffff}]{0,8}".prop_map(|s: String| Value::String(s.replace('\0', ""))),
+        "[ -~\u{80}-\u{10ffff}\x01-\x1f\x7f\u{2028}\"\\\\]{0,8}"
+            .prop_map(|s: String| Value::String(s.replace('\0', ""))),
     ];
     leaf.prop_recursive(4, 48, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            prop::collection::btree_map("[a-zé\u{1F600} _]{0,4}", inner, 0..6)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            prop::collection::btree_map(
+                "[a-zé\u{1F600} _\x01-\x1f\x7f\u{2028}\"\\\\]{0,4}",
+                inner,
+                0..6
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }
@@ -143,8 +148,9 @@ proptest! {
     }
 
     #[test]
-    fn the_canonical_text_written_from_the_stored_text_is_the_trees(mut value in json_value()) {
+    fn the_canonical_text_written_from_the_stored_text_is_the_trees(raw in json_value()) {
         for form in [NumberForm::Jsonb, NumberForm::Python] {
+            let mut value = raw.clone();
             normalize_value_as(&mut value, form).unwrap();
             let stored = serde_json::to_string(&value).unwrap();
             let mut from_stored = String::from("x");
