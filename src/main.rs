@@ -7,13 +7,14 @@ use snapshotd::settings::{Settings, Sources};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// mimalloc: measured faster than glibc malloc on this allocation-heavy
-/// pipeline (see the closing notes of the daemon issue; `benches/load.rs`).
-/// `--features system-alloc` builds with the system allocator instead, which
-/// heaptrack and valgrind can see into.
+/// jemalloc: measured against mimalloc and glibc malloc on the realistic
+/// stabilize workload (BENCHMARKS.md, "Allocators again"): the least CPU
+/// and the least memory of the three there. `--features system-alloc`
+/// builds with the system allocator instead, which heaptrack and valgrind
+/// can see into.
 #[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(
