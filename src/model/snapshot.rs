@@ -1,12 +1,10 @@
 //! The snapshot record and the key that names an entity (SPEC section 1).
 
-use super::canonical::{
-    CanonicalError, NumberForm, canonical_object, normalize_value_as, sha256_hex, state_hash,
-};
+use super::canonical::{CanonicalError, NumberForm, normalize_value_as, sha256_hex, state_hash};
 use crate::reducer::State;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -213,26 +211,6 @@ impl PreparedSnapshot {
         ))
     }
 
-    /// [`Self::from_state`] of a JSON object.
-    pub fn from_map(
-        key: EntityKey,
-        workflow_id: Arc<str>,
-        version: i32,
-        sequence: i64,
-        state: &Map<String, Value>,
-    ) -> Result<Self, CanonicalError> {
-        let canonical = canonical_object(state)?;
-        let state_text = serde_json::to_string(state).expect("a JSON map serialises");
-        Ok(Self::from_texts(
-            key,
-            workflow_id,
-            version,
-            sequence,
-            &canonical,
-            state_text,
-        ))
-    }
-
     fn from_texts(
         key: EntityKey,
         workflow_id: Arc<str>,
@@ -277,12 +255,12 @@ impl Snapshot {
         let Value::Object(state) = &self.state else {
             return Err("state must be a JSON object".to_string());
         };
-        let prepared = PreparedSnapshot::from_map(
+        let prepared = PreparedSnapshot::from_state(
             self.key.clone(),
             self.workflow_id.clone(),
             self.version,
             self.sequence,
-            state,
+            &State::Tree(state.clone()),
         )
         .map_err(|e| format!("state cannot be stored: {e}"))?;
         if prepared.state_hash != self.state_hash {

@@ -153,11 +153,7 @@ fn apply_child(state: &mut Map<String, Value>, table: &str, event: &Event, data:
         return;
     };
     let kind = if table == "stages" { "stage" } else { "task" };
-    let Some(action) = event
-        .event_type
-        .strip_prefix(kind)
-        .and_then(|t| t.strip_prefix('.'))
-    else {
+    let Some(action) = action(&event.event_type, kind) else {
         return;
     };
     match (kind, action) {
@@ -211,6 +207,12 @@ fn apply_child(state: &mut Map<String, Value>, table: &str, event: &Event, data:
         }
         _ => {}
     }
+}
+
+/// What a stage or task event does: `started` of `stage.started`, if the
+/// event is of that kind.
+pub(crate) fn action<'a>(event_type: &'a str, kind: &str) -> Option<&'a str> {
+    event_type.strip_prefix(kind)?.strip_prefix('.')
 }
 
 /// `n + 1` as Python computes it (exact for ints, float for floats), in

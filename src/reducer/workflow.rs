@@ -13,7 +13,7 @@
 //! a shape this one does not hold (a key stabilize never writes) is folded
 //! as a tree, and the tests fold both ways and compare the texts.
 
-use super::stabilize::{CURRENT_SCHEMA_VERSION, Data, plus_one};
+use super::stabilize::{CURRENT_SCHEMA_VERSION, Data, action, plus_one};
 use crate::model::EntityType;
 use crate::model::canonical::{CanonicalError, write_canonical_from_stored, write_string};
 use crate::model::event::{Event, render_timestamp};
@@ -401,11 +401,7 @@ fn apply_child(
         }
         child
     });
-    let Some(action) = event
-        .event_type
-        .strip_prefix(kind)
-        .and_then(|t| t.strip_prefix('.'))
-    else {
+    let Some(action) = action(&event.event_type, kind) else {
         return;
     };
     let c = &mut *child.0;
