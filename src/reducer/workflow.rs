@@ -104,11 +104,13 @@ fn string(s: &str) -> Text {
     out.into()
 }
 
-fn value(v: Value) -> Text {
+/// The stored text of a value (read by reference: the fold drops an
+/// event's value once written, hydration keeps the tree it read).
+fn value(v: &Value) -> Text {
     match v {
         Value::Null => null(),
-        Value::String(s) => string(&s),
-        v => serde_json::to_string(&v)
+        Value::String(s) => string(s),
+        v => serde_json::to_string(v)
             .expect("a JSON value serialises")
             .into(),
     }
@@ -120,7 +122,7 @@ fn time(event: &Event) -> Text {
 
 /// `data.get(key, default)`, as text.
 fn get_or(data: &mut impl Data, key: &str, default: fn() -> Text) -> Text {
-    data.take(key).map_or_else(default, value)
+    data.take(key).map_or_else(default, |v| value(&v))
 }
 
 /// A string as `serde_json` writes it: as it is when nothing needs an
@@ -177,7 +179,7 @@ impl WorkflowState {
     fn merge_context(&mut self, data: &mut impl Data) {
         if let Some(Value::Object(update)) = data.take("context") {
             for (k, v) in update {
-                self.context.insert(k.into(), value(v));
+                self.context.insert(k.into(), value(&v));
             }
         }
     }
@@ -221,7 +223,7 @@ impl WorkflowState {
         if map.len() != TOP_KEYS.len() {
             return None;
         }
-        let text = |key: &str| map.get(key).map(|v| value(v.clone()));
+        let text = |key: &str| map.get(key).map(value);
         let children = |key: &str| -> Option<BTreeMap<Box<str>, Child>> {
             let Value::Object(entries) = map.get(key)? else {
                 return None;
@@ -235,7 +237,7 @@ impl WorkflowState {
                     let mut child = Child::default();
                     for (k, v) in fields {
                         let slot = CHILD_KEYS.iter().position(|c| c == k)?;
-                        child.0[slot] = Some(value(v.clone()));
+                        child.0[slot] = Some(value(v));
                     }
                     Some((id.as_str().into(), child))
                 })
@@ -248,7 +250,7 @@ impl WorkflowState {
             application: text("application")?,
             context: context
                 .iter()
-                .map(|(k, v)| (k.as_str().into(), value(v.clone())))
+                .map(|(k, v)| (k.as_str().into(), value(v)))
                 .collect(),
             end_time: text("end_time")?,
             name: text("name")?,
@@ -414,7 +416,7 @@ fn apply_child(
             c[STATUS] = Some(get_or(data, "status", || string("SUCCEEDED")));
             c[END_TIME] = Some(time(event));
             if let Some(outputs) = data.take("outputs") {
-                c[OUTPUTS] = Some(value(outputs));
+                c[OUTPUTS] = Some(value(&outputs));
             }
         }
         (_, "failed") => {
@@ -445,7 +447,7 @@ fn apply_child(
                 Some(_) => Err(()),
             };
             if let Ok(next) = next
-                && let Some(count) = data.take("retry_count").map(value).or(next)
+                && let Some(count) = data.take("retry_count").map(|v| value(&v)).or(next)
             {
                 c[RETRY_COUNT] = Some(count);
             }
