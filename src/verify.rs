@@ -278,6 +278,7 @@ mod tests {
     use super::*;
     use crate::model::canonical::NumberForm;
     use crate::model::event::parse_timestamp;
+    use crate::model::payload::Payload;
     use serde_json::json;
 
     #[test]
@@ -331,7 +332,7 @@ mod tests {
             entity_type: EntityType::Workflow,
             entity_id: "wf1".into(),
             workflow_id: "wf1".into(),
-            data,
+            data: Payload::from_map(&data),
             schema_version: 1,
             numbers: NumberForm::Jsonb,
         }

@@ -347,6 +347,7 @@ impl Progress {
 mod tests {
     use super::*;
     use crate::model::event::parse_timestamp;
+    use crate::model::payload::Payload;
     use serde_json::json;
 
     fn event(seq: i64, step: i64) -> Event {
@@ -360,7 +361,7 @@ mod tests {
             entity_type: EntityType::Workflow,
             entity_id: Arc::from("wf"),
             workflow_id: Arc::from("wf"),
-            data,
+            data: Payload::from_map(&data),
             schema_version: 1,
             numbers: crate::model::canonical::NumberForm::Jsonb,
         }

@@ -47,6 +47,9 @@ pub enum CanonicalError {
     /// A kept text that is not the JSON it should be (a bug, not input).
     #[error("kept state text `{0}` is not JSON")]
     NotJson(String),
+    /// JSON text that does not parse, and why.
+    #[error("not valid JSON: {0}")]
+    Malformed(String),
 }
 
 /// The text numbers are kept in: what the store's reader will see.
@@ -197,7 +200,7 @@ fn bad_number(literal: &str) -> CanonicalError {
     CanonicalError::BadNumber(truncated(literal))
 }
 
-fn truncated(text: &str) -> String {
+pub(crate) fn truncated(text: &str) -> String {
     if text.len() <= 40 {
         text.to_string()
     } else {
@@ -406,7 +409,7 @@ pub fn normalize_value_as(value: &mut Value, form: NumberForm) -> Result<(), Can
 /// integers other than `-0` in both forms, and decimals without exponent
 /// other than a negative zero in the JSONB form (JSONB keeps their scale;
 /// Python would reprint a float).
-fn kept_as_is(literal: &str, form: NumberForm) -> bool {
+pub(crate) fn kept_as_is(literal: &str, form: NumberForm) -> bool {
     if literal.len() > 20 || literal.contains(['e', 'E']) {
         return false;
     }

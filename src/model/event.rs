@@ -1,12 +1,12 @@
 //! Events and commands as they arrive on the socket: raw NDJSON lines become
 //! typed [`Frame`]s once, here, with a reason for every refusal (SPEC 2).
 
-use super::canonical::{CanonicalError, NumberForm, normalize_value_as};
+use super::canonical::{CanonicalError, NumberForm};
+use super::payload::{Payload, PayloadError};
 use super::snapshot::{EntityType, IdError, check_id};
 use chrono::{DateTime, NaiveDateTime, Timelike, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::sync::Arc;
 
@@ -20,8 +20,9 @@ pub struct Event {
     pub entity_type: EntityType,
     pub entity_id: Arc<str>,
     pub workflow_id: Arc<str>,
-    /// The payload, numbers already in the store's form ([`Event::numbers`]).
-    pub data: Map<String, Value>,
+    /// The payload, as stored texts with numbers in the store's form
+    /// ([`Event::numbers`]).
+    pub data: Payload,
     pub schema_version: i64,
     /// The form `data`'s numbers are in, so a reducer that computes a new
     /// number (stabilize's `retry_count + 1`) writes it in the same form.
@@ -123,9 +124,9 @@ struct Envelope<'a> {
     entity_id: Option<&'a RawValue>,
     #[serde(borrow)]
     workflow_id: Option<&'a RawValue>,
-    /// Parsed with the envelope: a payload is read once, not skipped and
-    /// read again.
-    data: Option<Value>,
+    /// Borrowed, then read once into stored texts ([`Payload`]): no tree.
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
     #[serde(borrow)]
     schema_version: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -225,16 +226,16 @@ fn decode_event(env: Envelope, numbers: NumberForm) -> Result<Event, DecodeError
     let workflow_id = string_field("workflow_id", required("workflow_id", env.workflow_id)?)?;
     check_id(&workflow_id).map_err(|e| id_error("workflow_id", e))?;
     let data = match env.data {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(map)) => {
-            let mut value = Value::Object(map);
-            normalize_value_as(&mut value, numbers).map_err(|e| canonical_error("data", e))?;
-            match value {
-                Value::Object(map) => map,
-                _ => unreachable!("normalising keeps the object"),
+        None => Payload::default(),
+        Some(raw) => Payload::from_json(raw.get(), numbers).map_err(|e| match e {
+            PayloadError::NotAnObject => {
+                DecodeError::Invalid("data", "must be a JSON object".into())
             }
-        }
-        Some(_) => return Err(DecodeError::Invalid("data", "must be a JSON object".into())),
+            PayloadError::Value(CanonicalError::Malformed(reason)) => {
+                DecodeError::Malformed(format!("data: {reason}"))
+            }
+            PayloadError::Value(e) => canonical_error("data", e),
+        })?,
     };
     let schema_version = match env.schema_version {
         None => 1,
@@ -510,6 +511,7 @@ mod tests {
     }
 
     use super::*;
+    use serde_json::{Map, Value};
 
     const LIMITS: Limits = Limits {
         max_depth: 64,
@@ -531,8 +533,8 @@ mod tests {
 
     #[test]
     fn a_lone_surrogate_in_data_is_malformed_json_named_as_such() {
-        // `data` is parsed with the envelope (once): serde_json's strict
-        // string check makes the whole frame malformed, with the reason.
+        // The envelope's parser lets it pass; reading `data` into stored
+        // texts refuses the frame as malformed, with serde_json's reason.
         let line = r#"{"event_type":"workflow.started","timestamp":"2026-11-26T03:59:48.12+00:00","sequence":7,"entity_type":"workflow","entity_id":"w1","workflow_id":"w1","data":{"s":"\ud800"}}"#;
         match decode(line.as_bytes(), LIMITS) {
             Err(DecodeError::Malformed(reason)) => {
@@ -566,7 +568,7 @@ mod tests {
         };
         assert_eq!(e.sequence, 7);
         assert_eq!(e.entity_type, EntityType::Workflow);
-        assert_eq!(e.data["context"]["x"].to_string(), "0.0000001");
+        assert_eq!(e.data.get("context"), Some(r#"{"x":0.0000001}"#));
         assert_eq!(e.schema_version, 1);
         assert_eq!(
             render_timestamp(&e.timestamp),

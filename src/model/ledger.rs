@@ -282,6 +282,7 @@ mod tests {
     use super::*;
     use crate::model::canonical::NumberForm;
     use crate::model::event::parse_timestamp;
+    use crate::model::payload::Payload;
     use crate::model::{EntityKey, EntityType};
     use serde_json::Value;
     use serde_json::json;
@@ -299,7 +300,7 @@ mod tests {
             entity_type: EntityType::Task,
             entity_id: Arc::from("t"),
             workflow_id: Arc::from("wf"),
-            data,
+            data: Payload::from_map(&data),
             schema_version: 1,
             numbers: NumberForm::Jsonb,
         }
@@ -402,7 +403,7 @@ mod tests {
         // Merge events folded out of order: "k" ends as the later sequence's.
         let set = |seq: i64| {
             let mut e = event(seq);
-            e.data.insert("k".into(), json!(seq));
+            e.data.insert("k", &json!(seq));
             e
         };
         l.receive(set(5), true);

@@ -4,6 +4,7 @@
 pub mod canonical;
 pub mod event;
 pub mod ledger;
+pub mod payload;
 mod snapshot;
 
 pub use snapshot::{

@@ -3,14 +3,10 @@
 use crate::model::event::Event;
 use serde_json::{Map, Value};
 
-/// Apply `event.data` as a merge patch to `state`.
+/// Apply `event.data` as a merge patch to `state`, its values read from
+/// their stored text into the state's tree.
 pub fn apply(state: &mut Map<String, Value>, event: &Event) {
-    merge_owned(state, event.data.clone());
-}
-
-/// [`apply`], moving the patch's values into the state.
-pub fn apply_owned(state: &mut Map<String, Value>, event: Event) {
-    merge_owned(state, event.data);
+    merge_owned(state, event.data.to_map());
 }
 
 fn merge_owned(target: &mut Map<String, Value>, patch: Map<String, Value>) {

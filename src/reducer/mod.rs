@@ -118,7 +118,7 @@ impl Reducer {
         match (self, state) {
             (Reducer::Stabilize, State::Workflow(state)) => state.apply_owned(event),
             (Reducer::Stabilize, State::Tree(map)) => stabilize::apply_owned(map, event),
-            (Reducer::Merge, state) => merge::apply_owned(state.tree(), event),
+            (Reducer::Merge, state) => merge::apply(state.tree(), &event),
         }
     }
 }

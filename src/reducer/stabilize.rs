@@ -9,6 +9,7 @@
 use crate::model::EntityType;
 use crate::model::canonical::{NumberForm, normalize_number_as, python_float_repr};
 use crate::model::event::{Event, render_timestamp};
+use crate::model::payload::Payload;
 use serde_json::{Map, Number, Value};
 
 /// The newest event schema this replay understands (`CURRENT_SCHEMA_VERSION`).
@@ -31,19 +32,31 @@ pub fn initial(workflow_id: &str) -> Map<String, Value> {
 /// are cloned, an owned event's are moved into the state (no rule reads a
 /// key twice, so taking is safe).
 pub trait Data {
-    /// `data[key]`, if present.
-    fn take(&mut self, key: &str) -> Option<Value>;
+    /// `data[key]` as a tree, if present.
+    fn take_value(&mut self, key: &str) -> Option<Value>;
+    /// `data[key]` as its stored text, if present.
+    fn take_text(&mut self, key: &str) -> Option<Box<str>>;
 }
 
-impl Data for &Map<String, Value> {
-    fn take(&mut self, key: &str) -> Option<Value> {
-        self.get(key).cloned()
+impl Data for &Payload {
+    fn take_value(&mut self, key: &str) -> Option<Value> {
+        self.value(key)
+    }
+
+    fn take_text(&mut self, key: &str) -> Option<Box<str>> {
+        self.get(key).map(Box::from)
     }
 }
 
-impl Data for Map<String, Value> {
-    fn take(&mut self, key: &str) -> Option<Value> {
-        self.remove(key)
+impl Data for Payload {
+    fn take_value(&mut self, key: &str) -> Option<Value> {
+        let value = self.value(key);
+        self.take(key);
+        value
+    }
+
+    fn take_text(&mut self, key: &str) -> Option<Box<str>> {
+        self.take(key)
     }
 }
 
@@ -79,12 +92,12 @@ fn text(s: &str) -> Value {
 
 /// `data.get(key, default)`.
 fn get_or(data: &mut impl Data, key: &str, default: Value) -> Value {
-    data.take(key).unwrap_or(default)
+    data.take_value(key).unwrap_or(default)
 }
 
 /// `dict.update(data["context"])` when the key is present.
 fn merge_context(state: &mut Map<String, Value>, data: &mut impl Data) {
-    if let Some(Value::Object(update)) = data.take("context")
+    if let Some(Value::Object(update)) = data.take_value("context")
         && let Some(Value::Object(context)) = state.get_mut("context")
     {
         for (k, v) in update {
@@ -164,7 +177,7 @@ fn apply_child(state: &mut Map<String, Value>, table: &str, event: &Event, data:
         (_, "completed") => {
             child.insert("status".into(), get_or(data, "status", text("SUCCEEDED")));
             child.insert("end_time".into(), time(event));
-            if let Some(outputs) = data.take("outputs") {
+            if let Some(outputs) = data.take_value("outputs") {
                 child.insert("outputs".into(), outputs);
             }
         }
@@ -200,7 +213,7 @@ fn apply_child(state: &mut Map<String, Value>, table: &str, event: &Event, data:
                 Some(_) => Err(()),
             };
             if let Ok(next) = next
-                && let Some(count) = data.take("retry_count").or(next)
+                && let Some(count) = data.take_value("retry_count").or(next)
             {
                 child.insert("retry_count".into(), count);
             }
@@ -302,7 +315,7 @@ mod tests {
             entity_type,
             entity_id: Arc::from(id),
             workflow_id: Arc::from("wf"),
-            data,
+            data: Payload::from_map(&data),
             schema_version: 1,
             numbers: NumberForm::Jsonb,
         }
@@ -438,7 +451,7 @@ mod tests {
         let retried = |data| event(Task, "t", "task.retried", data);
         let set = |count: Value| {
             let mut e = retried(json!({}));
-            e.data.insert("retry_count".into(), count);
+            e.data.insert("retry_count", &count);
             e
         };
         // True + 1 == 2 in Python.
@@ -479,8 +492,8 @@ mod tests {
         assert_eq!(plus_one(&huge, NumberForm::Jsonb), None);
         let mut first = event(Task, "t", "task.retried", json!({}));
         first.data.insert(
-            "retry_count".into(),
-            Value::Number(Number::from_string_unchecked(huge.clone())),
+            "retry_count",
+            &Value::Number(Number::from_string_unchecked(huge.clone())),
         );
         let state = replay(&[first, event(Task, "t", "task.retried", json!({}))]);
         assert_eq!(state["tasks"]["t"]["retry_count"].to_string(), huge);

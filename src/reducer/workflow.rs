@@ -17,6 +17,7 @@ use super::stabilize::{CURRENT_SCHEMA_VERSION, Data, action, plus_one};
 use crate::model::EntityType;
 use crate::model::canonical::{CanonicalError, write_canonical_from_stored, write_string};
 use crate::model::event::{Event, render_timestamp};
+use crate::model::payload::{Payload, push_stored_string};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
@@ -122,19 +123,12 @@ fn time(event: &Event) -> Text {
 
 /// `data.get(key, default)`, as text.
 fn get_or(data: &mut impl Data, key: &str, default: fn() -> Text) -> Text {
-    data.take(key).map_or_else(default, |v| value(&v))
+    data.take_text(key).map_or_else(default, kept)
 }
 
-/// A string as `serde_json` writes it: as it is when nothing needs an
-/// escape, which is nearly always so for ids and keys.
-fn push_stored_string(out: &mut String, s: &str) {
-    if s.bytes().all(|b| b >= b' ' && b != b'"' && b != b'\\') {
-        out.push('"');
-        out.push_str(s);
-        out.push('"');
-    } else {
-        out.push_str(&serde_json::to_string(s).expect("a string serialises"));
-    }
+/// A stored text as kept: `null` as the empty text.
+fn kept(text: Box<str>) -> Text {
+    if &*text == "null" { null() } else { text }
 }
 
 impl WorkflowState {
@@ -177,9 +171,13 @@ impl WorkflowState {
 
     /// `dict.update(data["context"])` when it is an object.
     fn merge_context(&mut self, data: &mut impl Data) {
-        if let Some(Value::Object(update)) = data.take("context") {
-            for (k, v) in update {
-                self.context.insert(k.into(), value(&v));
+        if let Some(update) = data
+            .take_text("context")
+            .as_deref()
+            .and_then(Payload::from_stored)
+        {
+            for (k, v) in update.into_pairs() {
+                self.context.insert(k, kept(v));
             }
         }
     }
@@ -415,8 +413,8 @@ fn apply_child(
         (_, "completed") => {
             c[STATUS] = Some(get_or(data, "status", || string("SUCCEEDED")));
             c[END_TIME] = Some(time(event));
-            if let Some(outputs) = data.take("outputs") {
-                c[OUTPUTS] = Some(value(&outputs));
+            if let Some(outputs) = data.take_text("outputs") {
+                c[OUTPUTS] = Some(kept(outputs));
             }
         }
         (_, "failed") => {
@@ -447,7 +445,7 @@ fn apply_child(
                 Some(_) => Err(()),
             };
             if let Ok(next) = next
-                && let Some(count) = data.take("retry_count").map(|v| value(&v)).or(next)
+                && let Some(count) = data.take_text("retry_count").map(kept).or(next)
             {
                 c[RETRY_COUNT] = Some(count);
             }

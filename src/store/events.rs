@@ -2,11 +2,11 @@
 //! ground truth the daemon hydrates from and checks its snapshots against.
 
 use super::{Store, StoreError};
-use crate::model::canonical::{NumberForm, normalize_value_as};
+use crate::model::canonical::NumberForm;
 use crate::model::event::{Event, parse_timestamp};
+use crate::model::payload::{Payload, PayloadError};
 use crate::model::{EntityKey, EntityType};
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value};
 use sqlx::Row;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -107,14 +107,10 @@ impl EventRow {
             .entity_type
             .parse()
             .map_err(|e: crate::model::UnknownEntityType| bad(e.to_string()))?;
-        let mut data: Value =
-            serde_json::from_str(&self.data).map_err(|e| bad(format!("data is not JSON: {e}")))?;
-        normalize_value_as(&mut data, numbers).map_err(|e| bad(e.to_string()))?;
-        let data = match data {
-            Value::Object(map) => map,
-            Value::Null => Map::new(),
-            _ => return Err(bad("data is not a JSON object".into())),
-        };
+        let data = Payload::from_json(&self.data, numbers).map_err(|e| match e {
+            PayloadError::NotAnObject => bad("data is not a JSON object".into()),
+            PayloadError::Value(e) => bad(format!("data: {e}")),
+        })?;
         Ok(Event {
             event_type: self.event_type.into_boxed_str(),
             timestamp,

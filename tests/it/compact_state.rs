@@ -8,6 +8,7 @@ use proptest::prelude::*;
 use serde_json::{Map, Value};
 use snapshotd::model::canonical::{NumberForm, normalize_value_as};
 use snapshotd::model::event::Event;
+use snapshotd::model::payload::Payload;
 use snapshotd::model::{EntityKey, EntityType};
 use snapshotd::reducer::{Reducer, State, stabilize};
 use std::sync::Arc;
@@ -105,13 +106,14 @@ fn make(
     };
     // U+0000 is refused by decode, and kept here: the texts must then
     // fail alike. Numbers are normalised as far as normalising gets.
-    let data = data
+    let data: Map<String, Value> = data
         .into_iter()
         .map(|(k, mut v)| {
             let _ = normalize_value_as(&mut v, form);
             (k, v)
         })
         .collect();
+    let data = Payload::from_map(&data);
     let entity_id: Arc<str> = match entity_type {
         EntityType::Workflow => Arc::from("wf\u{e9}\"1"),
         _ => Arc::from(["c0", "c1", "c\u{1F600}", "c\n3"][child]),

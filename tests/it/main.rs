@@ -12,6 +12,7 @@ mod daemon;
 mod feed;
 mod float_repr;
 mod fuzz_socket;
+mod payload;
 mod producers;
 mod stabilize_store;
 mod store;

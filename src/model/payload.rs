@@ -1,0 +1,673 @@
+//! An event's `data` as the daemon keeps it: each top-level key with its
+//! value's stored text, written straight from the JSON as it arrived.
+//!
+//! The stored text of a value is what `serde_json` writes for it once its
+//! numbers are in the store's form ([`NumberForm`]): no whitespace, object
+//! keys in code point order (the last of duplicate keys wins), strings
+//! escaped only where JSON requires. Reading it from the frame in one pass
+//! builds no tree: most of an event's bytes are a workflow's contexts and
+//! outputs, which the stabilize reducer keeps as they are
+//! ([`crate::reducer::workflow`]). A reducer that does look inside a value
+//! parses its text ([`Payload::value`]).
+
+use super::canonical::{CanonicalError, NumberForm, kept_as_is, normalize_number_as, truncated};
+use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::ops::Range;
+
+/// An object's members: each key with where its value's stored text is.
+type Members<'a> = Vec<(Cow<'a, str>, Range<usize>)>;
+
+/// How deep a payload may nest, as `serde_json`'s own parser allows.
+const MAX_DEPTH: usize = 128;
+
+/// Each key of an event's `data` with its value's stored text, in key order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Payload(Vec<(Box<str>, Box<str>)>);
+
+/// Why a payload was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    #[error("must be a JSON object")]
+    NotAnObject,
+    #[error(transparent)]
+    Value(#[from] CanonicalError),
+}
+
+impl Payload {
+    /// The payload of `json`, an object or `null` (no keys), numbers made
+    /// `form`.
+    pub fn from_json(json: &str, form: NumberForm) -> Result<Payload, PayloadError> {
+        let mut reader = Reader::new(json, form);
+        reader.skip_whitespace();
+        let payload = match reader.peek() {
+            Some(b'{') => reader.top_object()?,
+            Some(b'n') => {
+                reader.word("null", &mut String::new())?;
+                Payload::default()
+            }
+            Some(_) => {
+                // Any other JSON value is refused as such; anything else as
+                // not JSON.
+                reader.value(&mut String::new(), 0)?;
+                reader.end()?;
+                return Err(PayloadError::NotAnObject);
+            }
+            None => return Err(reader.malformed().into()),
+        };
+        reader.end()?;
+        Ok(payload)
+    }
+
+    /// The members of a stored object text (numbers already in the store's
+    /// form, kept as they are); `None` if the text is not an object.
+    pub fn from_stored(stored: &str) -> Option<Payload> {
+        let mut reader = Reader {
+            text: stored,
+            at: 0,
+            form: None,
+        };
+        if reader.peek() != Some(b'{') {
+            return None;
+        }
+        let payload = reader.top_object().ok()?;
+        reader.end().ok()?;
+        Some(payload)
+    }
+
+    /// The payload of a map whose numbers are already in the store's form.
+    pub fn from_map(map: &Map<String, Value>) -> Payload {
+        Payload(
+            map.iter()
+                .map(|(k, v)| (k.as_str().into(), stored(v)))
+                .collect(),
+        )
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The stored text of `data[key]`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.position(key).map(|i| &*self.0[i].1)
+    }
+
+    /// Remove `data[key]`, giving its stored text.
+    pub fn take(&mut self, key: &str) -> Option<Box<str>> {
+        self.position(key).map(|i| self.0.remove(i).1)
+    }
+
+    /// `data[key]` as a tree.
+    pub fn value(&self, key: &str) -> Option<Value> {
+        self.get(key).map(parse)
+    }
+
+    /// Set `data[key]` to a value whose numbers are in the store's form.
+    pub fn insert(&mut self, key: &str, value: &Value) {
+        match self.0.binary_search_by(|(k, _)| (**k).cmp(key)) {
+            Ok(i) => self.0[i].1 = stored(value),
+            Err(i) => self.0.insert(i, (key.into(), stored(value))),
+        }
+    }
+
+    /// The keys and stored texts, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    /// The payload as a JSON object.
+    pub fn to_map(&self) -> Map<String, Value> {
+        self.iter()
+            .map(|(k, v)| (k.to_string(), parse(v)))
+            .collect()
+    }
+
+    /// Each key with its value's stored text, in key order.
+    pub fn into_pairs(self) -> impl Iterator<Item = (Box<str>, Box<str>)> {
+        self.0.into_iter()
+    }
+
+    fn position(&self, key: &str) -> Option<usize> {
+        // A handful of keys: a scan beats a search.
+        self.0.iter().position(|(k, _)| **k == *key)
+    }
+}
+
+fn stored(value: &Value) -> Box<str> {
+    serde_json::to_string(value)
+        .expect("a JSON value serialises")
+        .into()
+}
+
+fn parse(text: &str) -> Value {
+    serde_json::from_str(text).expect("a stored text is JSON")
+}
+
+/// The stored text of `json`, any JSON value, numbers made `form`.
+pub fn stored_text(json: &str, form: NumberForm) -> Result<String, CanonicalError> {
+    let mut reader = Reader::new(json, form);
+    let mut out = String::with_capacity(json.len());
+    reader.value(&mut out, 0)?;
+    reader.end()?;
+    Ok(out)
+}
+
+/// A string as `serde_json` writes it: as it is when nothing needs an
+/// escape, which is nearly always so for ids and keys.
+pub(crate) fn push_stored_string(out: &mut String, s: &str) {
+    if s.bytes().all(|b| b >= b' ' && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).expect("a string serialises"));
+    }
+}
+
+/// A one-pass reader of JSON text that writes each value's stored text.
+struct Reader<'a> {
+    text: &'a str,
+    at: usize,
+    /// The form numbers are made; `None` reads a kept text, whose numbers
+    /// and characters were checked when it was made, as it is.
+    form: Option<NumberForm>,
+}
+
+impl<'a> Reader<'a> {
+    fn new(text: &'a str, form: NumberForm) -> Reader<'a> {
+        Reader {
+            text,
+            at: 0,
+            form: Some(form),
+        }
+    }
+
+    fn bytes(&self) -> &'a [u8] {
+        self.text.as_bytes()
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.bytes().get(self.at).copied()
+    }
+
+    fn skip_whitespace(&mut self) {
+        while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.peek() {
+            self.at += 1;
+        }
+    }
+
+    fn malformed(&self) -> CanonicalError {
+        let rest = &self.text[self.at.min(self.text.len())..];
+        CanonicalError::Malformed(if rest.is_empty() {
+            "unexpected end".into()
+        } else {
+            format!("unexpected text at `{}`", truncated(rest))
+        })
+    }
+
+    /// Skip whitespace and expect `byte`.
+    fn expect(&mut self, byte: u8) -> Result<(), CanonicalError> {
+        self.skip_whitespace();
+        if self.peek() == Some(byte) {
+            self.at += 1;
+            Ok(())
+        } else {
+            Err(self.malformed())
+        }
+    }
+
+    /// Only whitespace may follow the value.
+    fn end(&mut self) -> Result<(), CanonicalError> {
+        self.skip_whitespace();
+        if self.at == self.text.len() {
+            Ok(())
+        } else {
+            Err(self.malformed())
+        }
+    }
+
+    fn value(&mut self, out: &mut String, depth: usize) -> Result<(), CanonicalError> {
+        self.skip_whitespace();
+        match self.peek() {
+            Some(b'{') => self.object(out, depth + 1),
+            Some(b'[') => self.array(out, depth + 1),
+            Some(b'"') => {
+                let s = self.string()?;
+                push_stored_string(out, &s);
+                Ok(())
+            }
+            Some(b'-' | b'0'..=b'9') => self.number(out),
+            Some(b't') => self.word("true", out),
+            Some(b'f') => self.word("false", out),
+            Some(b'n') => self.word("null", out),
+            _ => Err(self.malformed()),
+        }
+    }
+
+    fn word(&mut self, word: &str, out: &mut String) -> Result<(), CanonicalError> {
+        if self.text[self.at..].starts_with(word) {
+            self.at += word.len();
+            out.push_str(word);
+            Ok(())
+        } else {
+            Err(self.malformed())
+        }
+    }
+
+    fn number(&mut self, out: &mut String) -> Result<(), CanonicalError> {
+        let start = self.at;
+        while let Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') = self.peek() {
+            self.at += 1;
+        }
+        let literal = &self.text[start..self.at];
+        if !json_number(literal) {
+            self.at = start;
+            return Err(self.malformed());
+        }
+        match self.form {
+            Some(form) if !kept_as_is(literal, form) => {
+                out.push_str(&normalize_number_as(&serde_literal(literal), form)?)
+            }
+            _ => out.push_str(literal),
+        }
+        Ok(())
+    }
+
+    /// A string's contents, borrowed when it has no escape.
+    fn string(&mut self) -> Result<Cow<'a, str>, CanonicalError> {
+        let start = self.at;
+        self.at += 1; // the opening quote
+        let bytes = self.bytes();
+        let mut escaped = false;
+        loop {
+            let Some(found) = memchr::memchr2(b'"', b'\\', &bytes[self.at..]) else {
+                self.at = start;
+                return Err(self.malformed());
+            };
+            self.at += found;
+            if bytes[self.at] == b'"' {
+                self.at += 1;
+                break;
+            }
+            escaped = true;
+            self.at += 2;
+            if self.at > bytes.len() {
+                self.at = start;
+                return Err(self.malformed());
+            }
+        }
+        let text = self.text;
+        let quoted = &text[start..self.at];
+        let contents = if escaped {
+            match serde_json::from_str::<String>(quoted) {
+                Ok(decoded) => Cow::Owned(decoded),
+                Err(e) => {
+                    // serde_json names the fault; its position is within
+                    // the string alone, so the string is shown instead.
+                    let e = e.to_string();
+                    let fault = e.split(" at line ").next().unwrap_or(&e);
+                    return Err(CanonicalError::Malformed(format!(
+                        "{fault} in string {}",
+                        truncated(quoted)
+                    )));
+                }
+            }
+        } else {
+            let inner = &quoted[1..quoted.len() - 1];
+            if inner.bytes().any(|b| b < b' ') {
+                self.at = start;
+                return Err(self.malformed());
+            }
+            Cow::Borrowed(inner)
+        };
+        if self.form.is_some() && contents.contains('\0') {
+            return Err(CanonicalError::NulCharacter);
+        }
+        Ok(contents)
+    }
+
+    fn array(&mut self, out: &mut String, depth: usize) -> Result<(), CanonicalError> {
+        self.nest(depth)?;
+        self.at += 1;
+        out.push('[');
+        self.skip_whitespace();
+        if self.peek() == Some(b']') {
+            self.at += 1;
+            out.push(']');
+            return Ok(());
+        }
+        loop {
+            self.value(out, depth)?;
+            self.skip_whitespace();
+            match self.peek() {
+                Some(b',') => {
+                    self.at += 1;
+                    out.push(',');
+                }
+                Some(b']') => {
+                    self.at += 1;
+                    out.push(']');
+                    return Ok(());
+                }
+                _ => return Err(self.malformed()),
+            }
+        }
+    }
+
+    fn nest(&self, depth: usize) -> Result<(), CanonicalError> {
+        if depth > MAX_DEPTH {
+            Err(CanonicalError::Malformed(format!(
+                "nests deeper than {MAX_DEPTH} levels"
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// An object written as it reads while its keys come in order (the
+    /// common case for nested objects); otherwise read again and sorted.
+    fn object(&mut self, out: &mut String, depth: usize) -> Result<(), CanonicalError> {
+        self.nest(depth)?;
+        let (start, written) = (self.at, out.len());
+        self.at += 1;
+        out.push('{');
+        self.skip_whitespace();
+        if self.peek() == Some(b'}') {
+            self.at += 1;
+            out.push('}');
+            return Ok(());
+        }
+        let mut previous: Option<Cow<'a, str>> = None;
+        loop {
+            self.skip_whitespace();
+            if self.peek() != Some(b'"') {
+                return Err(self.malformed());
+            }
+            let key = self.string()?;
+            if previous.as_ref().is_some_and(|p| **p >= *key) {
+                self.at = start;
+                out.truncate(written);
+                return self.sorted_object(out, depth);
+            }
+            if previous.is_some() {
+                out.push(',');
+            }
+            push_stored_string(out, &key);
+            out.push(':');
+            self.expect(b':')?;
+            self.value(out, depth)?;
+            previous = Some(key);
+            self.skip_whitespace();
+            match self.peek() {
+                Some(b',') => self.at += 1,
+                Some(b'}') => {
+                    self.at += 1;
+                    out.push('}');
+                    return Ok(());
+                }
+                _ => return Err(self.malformed()),
+            }
+        }
+    }
+
+    /// Read an object's members: each key with the range of `scratch` its
+    /// value's stored text was written to.
+    fn members(
+        &mut self,
+        scratch: &mut String,
+        depth: usize,
+    ) -> Result<Members<'a>, CanonicalError> {
+        self.at += 1;
+        let mut members = Vec::new();
+        self.skip_whitespace();
+        if self.peek() == Some(b'}') {
+            self.at += 1;
+            return Ok(members);
+        }
+        loop {
+            self.skip_whitespace();
+            if self.peek() != Some(b'"') {
+                return Err(self.malformed());
+            }
+            let key = self.string()?;
+            self.expect(b':')?;
+            let from = scratch.len();
+            self.value(scratch, depth)?;
+            members.push((key, from..scratch.len()));
+            self.skip_whitespace();
+            match self.peek() {
+                Some(b',') => self.at += 1,
+                Some(b'}') => {
+                    self.at += 1;
+                    // Stable: of equal keys the last read stays last.
+                    members.sort_by(|a, b| a.0.cmp(&b.0));
+                    members.dedup_by(|later, earlier| {
+                        let same = later.0 == earlier.0;
+                        if same {
+                            std::mem::swap(later, earlier);
+                        }
+                        same
+                    });
+                    return Ok(members);
+                }
+                _ => return Err(self.malformed()),
+            }
+        }
+    }
+
+    fn sorted_object(&mut self, out: &mut String, depth: usize) -> Result<(), CanonicalError> {
+        let mut scratch = String::new();
+        let members = self.members(&mut scratch, depth)?;
+        out.push('{');
+        for (i, (key, range)) in members.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_stored_string(out, key);
+            out.push(':');
+            out.push_str(&scratch[range.clone()]);
+        }
+        out.push('}');
+        Ok(())
+    }
+
+    fn top_object(&mut self) -> Result<Payload, CanonicalError> {
+        let mut scratch = String::with_capacity(self.text.len());
+        let members = self.members(&mut scratch, 1)?;
+        Ok(Payload(
+            members
+                .into_iter()
+                .map(|(key, range)| (Box::from(&*key), Box::from(&scratch[range])))
+                .collect(),
+        ))
+    }
+}
+
+/// A literal as `serde_json` keeps it: the exponent as `e`, signed (`1E5`
+/// is `1e+5`). The value is the same; a refusal quotes this text.
+fn serde_literal(literal: &str) -> Cow<'_, str> {
+    match literal.find(['e', 'E']) {
+        Some(at) if !literal[at..].starts_with("e+") && !literal[at..].starts_with("e-") => {
+            let rest = &literal[at + 1..];
+            let signed = if rest.starts_with(['+', '-']) {
+                rest.to_string()
+            } else {
+                format!("+{rest}")
+            };
+            Cow::Owned(format!("{}e{signed}", &literal[..at]))
+        }
+        _ => Cow::Borrowed(literal),
+    }
+}
+
+/// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`
+fn json_number(literal: &str) -> bool {
+    let b = literal.as_bytes();
+    let mut i = usize::from(b.first() == Some(&b'-'));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while b.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i - start
+    };
+    match b.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => {
+            digits(&mut i);
+        }
+        _ => return false,
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    if let Some(b'e' | b'E') = b.get(i) {
+        i += 1;
+        if let Some(b'+' | b'-') = b.get(i) {
+            i += 1;
+        }
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    i == b.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn old_way(json: &str, form: NumberForm) -> Result<Vec<(String, String)>, String> {
+        let mut value: Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        crate::model::canonical::normalize_value_as(&mut value, form).map_err(|e| e.to_string())?;
+        match value {
+            Value::Object(map) => Ok(map
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::to_string(v).unwrap()))
+                .collect()),
+            Value::Null => Ok(vec![]),
+            _ => Err("not an object".into()),
+        }
+    }
+
+    fn pairs(p: &Payload) -> Vec<(String, String)> {
+        p.iter().map(|(k, v)| (k.into(), v.into())).collect()
+    }
+
+    #[test]
+    fn sorts_keys_at_every_level_and_keeps_the_last_duplicate() {
+        let text = r#" { "b" : { "z": 1, "a": [ 2, {"y":true,"x":null} ] }, "a": "x", "b2": 1, "a": "y" } "#;
+        let p = Payload::from_json(text, NumberForm::Jsonb).unwrap();
+        assert_eq!(
+            pairs(&p),
+            vec![
+                ("a".into(), r#""y""#.into()),
+                ("b".into(), r#"{"a":[2,{"x":null,"y":true}],"z":1}"#.into()),
+                ("b2".into(), "1".into()),
+            ]
+        );
+        assert_eq!(Ok(pairs(&p)), old_way(text, NumberForm::Jsonb));
+    }
+
+    #[test]
+    fn numbers_take_the_store_form() {
+        let text = r#"{"a": 1e-7, "b": -0, "c": 1.50, "d": 12345678901234567890123, "e": 1E2}"#;
+        for form in [NumberForm::Jsonb, NumberForm::Python] {
+            let p = Payload::from_json(text, form).unwrap();
+            assert_eq!(Ok(pairs(&p)), old_way(text, form), "{form:?}");
+        }
+        assert_eq!(
+            Payload::from_json(text, NumberForm::Jsonb)
+                .unwrap()
+                .get("a"),
+            Some("0.0000001")
+        );
+    }
+
+    #[test]
+    fn strings_are_decoded_and_escaped_as_serde_json_writes_them() {
+        let text = r#"{"k\u00e9\"y": "a\/b\u0001\n\ud83d\ude00\u007f\u2028", "plain": "é x"}"#;
+        let p = Payload::from_json(text, NumberForm::Jsonb).unwrap();
+        assert_eq!(Ok(pairs(&p)), old_way(text, NumberForm::Jsonb));
+        assert_eq!(p.get("plain"), Some("\"é x\""));
+    }
+
+    #[test]
+    fn refusals_name_the_reason() {
+        let form = NumberForm::Jsonb;
+        assert_eq!(
+            Payload::from_json(r#"{"a": "x\u0000"}"#, form),
+            Err(PayloadError::Value(CanonicalError::NulCharacter))
+        );
+        assert_eq!(
+            Payload::from_json(r#"{"a\u0000": 1}"#, form),
+            Err(PayloadError::Value(CanonicalError::NulCharacter))
+        );
+        assert_eq!(
+            Payload::from_json("[1]", form),
+            Err(PayloadError::NotAnObject)
+        );
+        assert_eq!(
+            Payload::from_json("\"s\"", form),
+            Err(PayloadError::NotAnObject)
+        );
+        assert_eq!(Payload::from_json("null", form), Ok(Payload::default()));
+        for bad in [
+            "",
+            "{",
+            "{\"a\"}",
+            "{\"a\":}",
+            "{\"a\":1,}",
+            "{\"a\":01}",
+            "{\"a\":1.}",
+            "{\"a\":-}",
+            "{\"a\":1e}",
+            "{\"a\":tru}",
+            "{\"a\":\"x}",
+            "{\"a\":\"\\q\"}",
+            "{\"a\":\"\t\"}",
+            "{} x",
+            "{\"a\":[1 2]}",
+            "{1:2}",
+        ] {
+            assert!(
+                matches!(
+                    Payload::from_json(bad, form),
+                    Err(PayloadError::Value(CanonicalError::Malformed(_)))
+                ),
+                "{bad:?} gave {:?}",
+                Payload::from_json(bad, form)
+            );
+            assert!(serde_json::from_str::<Value>(bad).is_err(), "{bad:?}");
+        }
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(200), "]".repeat(200));
+        assert!(Payload::from_json(&deep, form).is_err());
+    }
+
+    #[test]
+    fn a_map_read_back_is_the_same_payload() {
+        let text = r#"{"x": {"b": 1, "a": [1.5, "s"]}, "n": null}"#;
+        let p = Payload::from_json(text, NumberForm::Jsonb).unwrap();
+        let map = p.to_map();
+        assert_eq!(map["x"], json!({"a": [1.5, "s"], "b": 1}));
+        assert_eq!(map["n"], Value::Null);
+        assert_eq!(Payload::from_map(&map), p);
+        let mut q = p.clone();
+        q.insert("a", &json!(1));
+        assert_eq!(
+            q.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            ["a", "n", "x"]
+        );
+        assert_eq!(q.take("a").as_deref(), Some("1"));
+        assert_eq!(q, p);
+    }
+}
