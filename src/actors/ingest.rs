@@ -5,7 +5,10 @@
 //! A reader splits NDJSON frames (skipping an oversized one to its newline
 //! without buffering it), decodes each once, sends events to the router
 //! (waiting for an in-flight permit: backpressure reaches the socket) and
-//! answers commands.
+//! answers commands. Events go to the router in batches: those read from
+//! one fill of the read buffer, sent before the reader waits for more
+//! bytes, for a permit or on a command, so batching adds no delay and
+//! keeps every event ahead of the commands that follow it.
 //!
 //! Replies are never dropped; what bounds them is a per-connection budget
 //! of queued reply bytes (`socket.reply_buffer_bytes`). Queuing a reply
@@ -16,7 +19,7 @@
 
 use super::messages::{RouterMsg, SnapshotOutcome, WriterMsg};
 use crate::feed::table::FeedHandle;
-use crate::model::event::{Command, DecodeError, Frame, Limits, decode};
+use crate::model::event::{Command, DecodeError, Event, Frame, Limits, decode};
 use crate::model::{EntityKey, Snapshot};
 use crate::stats::Stats;
 use crate::store::Store;
@@ -34,6 +37,9 @@ use tokio::task::JoinSet;
 /// Commands answered from a task (flush, snapshot, get) a connection may
 /// have under way at once; more wait, and reading that connection with them.
 pub const MAX_PENDING_COMMANDS: usize = 64;
+
+/// Most events in one message to the router.
+const MAX_BATCH: usize = 128;
 
 /// What every reader needs.
 #[derive(Clone)]
@@ -116,12 +122,18 @@ async fn read_connection(
         replies,
         commands: Arc::new(Semaphore::new(MAX_PENDING_COMMANDS)),
         shutdown: shutdown.clone(),
+        batch: Vec::new(),
     };
     let mut reader = BufReader::with_capacity(256 * 1024, read_half);
     let mut line: Vec<u8> = Vec::new();
     let mut skipping = false;
     let mut frame: u64 = 0;
     loop {
+        if reader.buffer().is_empty() {
+            // Every complete line read so far is handled: hand its events
+            // over before waiting for the producer.
+            conn.send_events(ctx);
+        }
         let available = tokio::select! {
             biased;
             _ = conn.stopped() => break,
@@ -177,6 +189,7 @@ async fn read_connection(
             }
         }
     }
+    conn.send_events(ctx);
     let _ = ctx.router.cast(RouterMsg::Closed { connection: id });
     drop(conn);
     // Replies still owed (a flush in progress) are delivered: the reply
@@ -268,6 +281,8 @@ struct Conn {
     /// Commands answered from a task (flush, snapshot, get) not yet answered.
     commands: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
+    /// Events read and not yet sent to the router, in order.
+    batch: Vec<(Box<Event>, OwnedSemaphorePermit)>,
 }
 
 /// Why the reader stops: shutdown, or the peer is gone.
@@ -275,6 +290,17 @@ struct Conn {
 struct Stop;
 
 impl Conn {
+    /// Send the events read so far to the router.
+    fn send_events(&mut self, ctx: &IngestContext) {
+        if !self.batch.is_empty() {
+            let events = std::mem::replace(&mut self.batch, Vec::with_capacity(MAX_BATCH));
+            let _ = ctx.router.cast(RouterMsg::Events {
+                connection: self.id,
+                events,
+            });
+        }
+    }
+
     /// Resolves when reading must stop: shutdown, or the reply side found the
     /// peer gone (it stopped reading, or closed).
     async fn stopped(&mut self) {
@@ -326,23 +352,32 @@ async fn handle_frame(
     match decode(line, ctx.limits) {
         Ok(Frame::Event(event)) => {
             ctx.stats.events_received.inc();
-            // Waits while too many events are in flight: backpressure.
+            // Waits while too many events are in flight: backpressure. The
+            // events held here go first: their permits are among those
+            // waited for.
             let permit = match ctx.inflight.clone().try_acquire_owned() {
                 Ok(permit) => permit,
-                Err(_) => conn
-                    .or_stop(ctx.inflight.clone().acquire_owned())
-                    .await?
-                    .map_err(|_| Stop)?,
+                Err(_) => {
+                    conn.send_events(ctx);
+                    conn.or_stop(ctx.inflight.clone().acquire_owned())
+                        .await?
+                        .map_err(|_| Stop)?
+                }
             };
-            let _ = ctx.router.cast(RouterMsg::Event {
-                connection: conn.id,
-                event: Box::new(event),
-                permit,
-            });
+            conn.batch.push((Box::new(event), permit));
+            if conn.batch.len() >= MAX_BATCH {
+                conn.send_events(ctx);
+            }
             Ok(())
         }
-        Ok(Frame::Command(command)) => command_reply(frame, command, ctx, conn).await,
-        Err(error) => refuse(frame, error, ctx, conn).await,
+        Ok(Frame::Command(command)) => {
+            conn.send_events(ctx);
+            command_reply(frame, command, ctx, conn).await
+        }
+        Err(error) => {
+            conn.send_events(ctx);
+            refuse(frame, error, ctx, conn).await
+        }
     }
 }
 

@@ -10,11 +10,13 @@ use tokio::sync::OwnedSemaphorePermit;
 
 /// Messages to the router.
 pub enum RouterMsg {
-    /// From a connection reader: one event, with its in-flight permit.
-    Event {
+    /// From a connection reader (or the table feed): events in the order
+    /// they were read, each with its in-flight permit. A reader sends what
+    /// it has read at once, so one message carries many events under load
+    /// and one when the producer is slow.
+    Events {
         connection: u64,
-        event: Box<Event>,
-        permit: OwnedSemaphorePermit,
+        events: Vec<(Box<Event>, OwnedSemaphorePermit)>,
     },
     /// From a connection reader (`flush`): reply once every event this
     /// connection sent before is folded and the snapshots they triggered

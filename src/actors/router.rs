@@ -97,31 +97,26 @@ impl Actor for Router {
         state: &mut RouterState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            RouterMsg::Event {
-                connection,
-                event,
-                permit,
-            } => {
-                if let Some(ownership) = &state.args.ownership
-                    && ownership.fence_for(&event.workflow_id).is_none()
-                {
-                    // Its owner reads it from the events table.
-                    state.args.stats.events_not_owned.inc();
-                    return Ok(());
-                }
-                let key = state.args.config.reducer.key_of(&event);
-                if let Some(keys) = state.touched.get_mut(&connection) {
-                    if !keys.contains(&key) {
-                        keys.insert(key.clone());
+            RouterMsg::Events { connection, events } => {
+                let touched = state.touched.entry(connection).or_default();
+                let mut routed = Vec::with_capacity(events.len());
+                for (event, permit) in events {
+                    if let Some(ownership) = &state.args.ownership
+                        && ownership.fence_for(&event.workflow_id).is_none()
+                    {
+                        // Its owner reads it from the events table.
+                        state.args.stats.events_not_owned.inc();
+                        continue;
                     }
-                } else {
-                    state
-                        .touched
-                        .insert(connection, HashSet::from([key.clone()]));
+                    let key = state.args.config.reducer.key_of(&event);
+                    if !touched.contains(&key) {
+                        touched.insert(key.clone());
+                    }
+                    routed.push((key, PolicyMsg::Event(event, permit)));
                 }
-                state
-                    .deliver(&myself, key, PolicyMsg::Event(event, permit))
-                    .await;
+                for (key, msg) in routed {
+                    state.deliver(&myself, key, msg).await;
+                }
             }
             RouterMsg::Flush {
                 connection,

@@ -519,10 +519,9 @@ impl Follower {
             },
         };
         feed.stats.feed_events.inc();
-        let _ = feed.router.cast(RouterMsg::Event {
+        let _ = feed.router.cast(RouterMsg::Events {
             connection: FEED_CONNECTION,
-            event: Box::new(event),
-            permit,
+            events: vec![(Box::new(event), permit)],
         });
         Ok(())
     }
