@@ -4,7 +4,7 @@
 //! read is an integrity error).
 
 use snapshotd_fuzz::model::canonical::NumberForm;
-use snapshotd_fuzz::model::event::{Frame, Limits, decode};
+use snapshotd_fuzz::model::event::{Frame, Limits, decode, decode_reference};
 use snapshotd_fuzz::model::{EntityKey, PreparedSnapshot};
 use snapshotd_fuzz::reducer::{Reducer, State};
 
@@ -24,6 +24,8 @@ pub fn limits(numbers: NumberForm) -> Limits {
 /// the ingest's to strip; decode sees the rest as it is).
 pub fn decode_line(line: &[u8], numbers: NumberForm) -> Option<Frame> {
     let frame = decode(line, limits(numbers));
+    // The one pass and serde's parse of the envelope agree on every line.
+    assert_eq!(frame, decode_reference(line, limits(numbers)));
     if let Err(e) = &frame {
         // Every refusal has a reason and a metric name.
         assert!(!e.kind().is_empty());

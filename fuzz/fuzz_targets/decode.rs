@@ -3,7 +3,8 @@
 //! entity (cloning its values, and moving them: both must agree) and the
 //! result canonicalised and hashed. Must never panic. An event's `data`,
 //! read straight into stored texts, must equal the tree way: parsed,
-//! numbers normalised, each value serialised.
+//! numbers normalised, each value serialised; and `decode` must agree with
+//! `decode_reference` on every line (`common::decode_line`).
 #![no_main]
 
 mod common;

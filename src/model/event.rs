@@ -2,7 +2,7 @@
 //! typed [`Frame`]s once, here, with a reason for every refusal (SPEC 2).
 
 use super::canonical::{CanonicalError, NumberForm};
-use super::payload::{Payload, PayloadError};
+use super::payload::{Payload, PayloadError, read_frame};
 use super::snapshot::{EntityType, IdError, check_id};
 use chrono::{DateTime, NaiveDateTime, Timelike, Utc};
 use serde::Deserialize;
@@ -141,8 +141,66 @@ struct Envelope<'a> {
     // Other keys are carried, not interpreted: ignored here.
 }
 
+/// The envelope's fields as their JSON text in the line (`None` when
+/// absent or `null`), however they were found.
+#[derive(Default)]
+struct Fields<'a> {
+    op: Option<&'a str>,
+    event_type: Option<&'a str>,
+    timestamp: Option<&'a str>,
+    sequence: Option<&'a str>,
+    entity_type: Option<&'a str>,
+    entity_id: Option<&'a str>,
+    workflow_id: Option<&'a str>,
+    data: Option<&'a str>,
+    schema_version: Option<&'a str>,
+    metadata: Option<&'a str>,
+    version: Option<&'a str>,
+    snapshot: Option<&'a str>,
+    event_id: Option<&'a str>,
+    /// `data` already read, when the one pass read the frame.
+    payload: Option<Payload>,
+}
+
+impl<'a> Envelope<'a> {
+    fn fields(&self) -> Fields<'a> {
+        let text = |raw: Option<&'a RawValue>| raw.map(RawValue::get);
+        Fields {
+            op: text(self.op),
+            event_type: text(self.event_type),
+            timestamp: text(self.timestamp),
+            sequence: text(self.sequence),
+            entity_type: text(self.entity_type),
+            entity_id: text(self.entity_id),
+            workflow_id: text(self.workflow_id),
+            data: text(self.data),
+            schema_version: text(self.schema_version),
+            metadata: text(self.metadata),
+            version: text(self.version),
+            snapshot: text(self.snapshot),
+            event_id: text(self.event_id),
+            payload: None,
+        }
+    }
+}
+
 /// Decode one line (without its newline).
+///
+/// A well-formed event is read in one pass ([`read_frame`]): its envelope's
+/// members found, `data` read into stored texts on the way. Any other frame
+/// (a command, a refusal, anything the one pass does not take) is decoded
+/// by [`decode_reference`], which gives the same result for every line.
 pub fn decode(line: &[u8], limits: Limits) -> Result<Frame, DecodeError> {
+    let text = std::str::from_utf8(line).map_err(|e| DecodeError::InvalidUtf8(e.valid_up_to()))?;
+    if let Some(event) = decode_in_one_pass(text, limits) {
+        return Ok(Frame::Event(event));
+    }
+    decode_reference(line, limits)
+}
+
+/// [`decode`] by `serde_json`'s parse of the envelope: the reference, and
+/// the way for every frame the one pass leaves.
+pub fn decode_reference(line: &[u8], limits: Limits) -> Result<Frame, DecodeError> {
     let text = std::str::from_utf8(line).map_err(|e| DecodeError::InvalidUtf8(e.valid_up_to()))?;
     check_depth(line, limits.max_depth)?;
     let trimmed = text.trim_start();
@@ -155,15 +213,54 @@ pub fn decode(line: &[u8], limits: Limits) -> Result<Frame, DecodeError> {
     }
     let env: Envelope =
         serde_json::from_str(text).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let env = env.fields();
     if let Some(op) = env.op {
         return decode_command(op, &env).map(Frame::Command);
     }
     decode_event(env, limits.numbers).map(Frame::Event)
 }
 
-fn decode_command(op: &RawValue, env: &Envelope) -> Result<Command, DecodeError> {
+/// An event read in one pass, or `None` where [`decode_reference`] must
+/// decide: not one well-formed object within the depth limit, a command,
+/// a key given twice (refused there), or an event it refuses.
+fn decode_in_one_pass(text: &str, limits: Limits) -> Option<Event> {
+    let frame = read_frame(text, limits.numbers, limits.max_depth)?;
+    let mut env = Fields::default();
+    // serde's `Envelope` refuses a known key given twice, even as `null`.
+    let mut seen = 0u16;
+    for (key, raw) in &frame.members {
+        let (bit, slot) = match &**key {
+            "op" => return None,
+            "event_type" => (0, &mut env.event_type),
+            "timestamp" => (1, &mut env.timestamp),
+            "sequence" => (2, &mut env.sequence),
+            "entity_type" => (3, &mut env.entity_type),
+            "entity_id" => (4, &mut env.entity_id),
+            "workflow_id" => (5, &mut env.workflow_id),
+            "data" => (6, &mut env.data),
+            "schema_version" => (7, &mut env.schema_version),
+            "metadata" => (8, &mut env.metadata),
+            "version" => (9, &mut env.version),
+            "snapshot" => (10, &mut env.snapshot),
+            "event_id" => (11, &mut env.event_id),
+            _ => continue,
+        };
+        if seen & (1 << bit) != 0 {
+            return None;
+        }
+        seen |= 1 << bit;
+        // `data` as an object is read already.
+        if *raw != "null" && !(bit == 6 && frame.data.is_some()) {
+            *slot = Some(raw);
+        }
+    }
+    env.payload = frame.data;
+    decode_event(env, limits.numbers).ok()
+}
+
+fn decode_command(op: &str, env: &Fields) -> Result<Command, DecodeError> {
     let op = string_field("op", op)?;
-    let key = |env: &Envelope| -> Result<(EntityType, String), DecodeError> {
+    let key = |env: &Fields| -> Result<(EntityType, String), DecodeError> {
         let entity_type = parse_entity_type(required("entity_type", env.entity_type)?)?;
         let entity_id = string_field("entity_id", required("entity_id", env.entity_id)?)?;
         check_id(&entity_id).map_err(|e| id_error("entity_id", e))?;
@@ -172,7 +269,7 @@ fn decode_command(op: &RawValue, env: &Envelope) -> Result<Command, DecodeError>
     match &*op {
         "ping" => Ok(Command::Ping),
         "flush" => {
-            let snapshot = match env.snapshot.map(|raw| raw.get()) {
+            let snapshot = match env.snapshot {
                 None | Some("false") | Some("null") => false,
                 Some("true") => true,
                 Some(_) => {
@@ -198,7 +295,7 @@ fn decode_command(op: &RawValue, env: &Envelope) -> Result<Command, DecodeError>
     }
 }
 
-fn decode_event(env: Envelope, numbers: NumberForm) -> Result<Event, DecodeError> {
+fn decode_event(env: Fields, numbers: NumberForm) -> Result<Event, DecodeError> {
     let event_type = string_field("event_type", required("event_type", env.event_type)?)?;
     if event_type.is_empty() {
         return Err(DecodeError::Invalid(
@@ -225,9 +322,10 @@ fn decode_event(env: Envelope, numbers: NumberForm) -> Result<Event, DecodeError
     check_id(&entity_id).map_err(|e| id_error("entity_id", e))?;
     let workflow_id = string_field("workflow_id", required("workflow_id", env.workflow_id)?)?;
     check_id(&workflow_id).map_err(|e| id_error("workflow_id", e))?;
-    let data = match env.data {
-        None => Payload::default(),
-        Some(raw) => Payload::from_json(raw.get(), numbers).map_err(|e| match e {
+    let data = match (env.payload, env.data) {
+        (Some(payload), _) => payload,
+        (None, None) => Payload::default(),
+        (None, Some(raw)) => Payload::from_json(raw, numbers).map_err(|e| match e {
             PayloadError::NotAnObject => {
                 DecodeError::Invalid("data", "must be a JSON object".into())
             }
@@ -239,16 +337,16 @@ fn decode_event(env: Envelope, numbers: NumberForm) -> Result<Event, DecodeError
     };
     let schema_version = match env.schema_version {
         None => 1,
-        Some(raw) if raw.get() == "null" => 1,
+        Some("null") => 1,
         Some(raw) => int_field("schema_version", raw)?,
     };
     if let Some(raw) = env.version
-        && raw.get() != "null"
+        && raw != "null"
     {
         int_field("version", raw)?;
     }
     if let Some(raw) = env.metadata
-        && !(raw.get().starts_with('{') || raw.get() == "null")
+        && !(raw.starts_with('{') || raw == "null")
     {
         return Err(DecodeError::Invalid(
             "metadata",
@@ -256,7 +354,7 @@ fn decode_event(env: Envelope, numbers: NumberForm) -> Result<Event, DecodeError
         ));
     }
     if let Some(raw) = env.event_id
-        && raw.get() != "null"
+        && raw != "null"
     {
         string_field("event_id", raw)?;
     }
@@ -273,25 +371,19 @@ fn decode_event(env: Envelope, numbers: NumberForm) -> Result<Event, DecodeError
     })
 }
 
-fn required<'a>(
-    name: &'static str,
-    raw: Option<&'a RawValue>,
-) -> Result<&'a RawValue, DecodeError> {
+fn required<'a>(name: &'static str, raw: Option<&'a str>) -> Result<&'a str, DecodeError> {
     match raw {
-        Some(raw) if raw.get() != "null" => Ok(raw),
+        Some(raw) if raw != "null" => Ok(raw),
         _ => Err(DecodeError::Missing(name)),
     }
 }
 
 /// A string field, borrowed from the line unless it has escapes.
-fn string_field<'a>(name: &'static str, raw: &'a RawValue) -> Result<Cow<'a, str>, DecodeError> {
-    let value = match serde_json::from_str::<&str>(raw.get()) {
+fn string_field<'a>(name: &'static str, raw: &'a str) -> Result<Cow<'a, str>, DecodeError> {
+    let value = match serde_json::from_str::<&str>(raw) {
         Ok(plain) => Cow::Borrowed(plain),
-        Err(_) => Cow::Owned(serde_json::from_str::<String>(raw.get()).map_err(|_| {
-            DecodeError::Invalid(
-                name,
-                format!("must be a string, got {}", preview(raw.get())),
-            )
+        Err(_) => Cow::Owned(serde_json::from_str::<String>(raw).map_err(|_| {
+            DecodeError::Invalid(name, format!("must be a string, got {}", preview(raw)))
         })?),
     };
     if value.contains('\0') {
@@ -303,23 +395,17 @@ fn string_field<'a>(name: &'static str, raw: &'a RawValue) -> Result<Cow<'a, str
     Ok(value)
 }
 
-fn int_field(name: &'static str, raw: &RawValue) -> Result<i64, DecodeError> {
-    raw.get().parse::<i64>().map_err(|_| {
-        DecodeError::Invalid(
-            name,
-            format!("must be an integer, got {}", preview(raw.get())),
-        )
+fn int_field(name: &'static str, raw: &str) -> Result<i64, DecodeError> {
+    raw.parse::<i64>().map_err(|_| {
+        DecodeError::Invalid(name, format!("must be an integer, got {}", preview(raw)))
     })
 }
 
-fn parse_entity_type(raw: &RawValue) -> Result<EntityType, DecodeError> {
+fn parse_entity_type(raw: &str) -> Result<EntityType, DecodeError> {
     string_field("entity_type", raw)?.parse().map_err(|_| {
         DecodeError::Invalid(
             "entity_type",
-            format!(
-                "must be workflow, stage or task, got {}",
-                preview(raw.get())
-            ),
+            format!("must be workflow, stage or task, got {}", preview(raw)),
         )
     })
 }

@@ -41,7 +41,7 @@ impl Payload {
         let mut reader = Reader::new(json, form);
         reader.skip_whitespace();
         let payload = match reader.peek() {
-            Some(b'{') => reader.top_object()?,
+            Some(b'{') => reader.top_object(1)?,
             Some(b'n') => {
                 reader.word("null", &mut String::new())?;
                 Payload::default()
@@ -66,11 +66,12 @@ impl Payload {
             text: stored,
             at: 0,
             form: None,
+            max_depth: MAX_DEPTH,
         };
         if reader.peek() != Some(b'{') {
             return None;
         }
-        let payload = reader.top_object().ok()?;
+        let payload = reader.top_object(1).ok()?;
         reader.end().ok()?;
         Some(payload)
     }
@@ -157,6 +158,78 @@ pub fn stored_text(json: &str, form: NumberForm) -> Result<String, CanonicalErro
     Ok(out)
 }
 
+/// A frame's top-level members, read in one pass
+/// ([`crate::model::event::decode`]'s way for well-formed events).
+pub(crate) struct FrameMembers<'a> {
+    /// Each key, decoded, with its value's text as it is in the frame.
+    pub members: Vec<(Cow<'a, str>, &'a str)>,
+    /// The value of the last `data` key, read into a payload when it is
+    /// an object.
+    pub data: Option<Payload>,
+}
+
+/// Read a frame that is one JSON object nesting at most `max_depth`
+/// levels (the object itself is level 1), numbers of `data` made `form`;
+/// `None` for anything else, which the caller reads its other way.
+pub(crate) fn read_frame(
+    text: &str,
+    form: NumberForm,
+    max_depth: usize,
+) -> Option<FrameMembers<'_>> {
+    let mut reader = Reader::new(text, form);
+    reader.max_depth = max_depth.min(MAX_DEPTH);
+    reader.skip_whitespace();
+    if reader.peek() != Some(b'{') || reader.nest(1).is_err() {
+        return None;
+    }
+    reader.at += 1;
+    let mut frame = FrameMembers {
+        members: Vec::with_capacity(12),
+        data: None,
+    };
+    let mut skipped = String::new();
+    reader.skip_whitespace();
+    if reader.peek() == Some(b'}') {
+        reader.at += 1;
+    } else {
+        loop {
+            reader.skip_whitespace();
+            if reader.peek() != Some(b'"') {
+                return None;
+            }
+            let key = reader.string().ok()?;
+            reader.expect(b':').ok()?;
+            reader.skip_whitespace();
+            let start = reader.at;
+            if key == "data" && reader.peek() == Some(b'{') {
+                frame.data = Some(reader.top_object(2).ok()?);
+            } else {
+                if key == "data" {
+                    frame.data = None;
+                }
+                // Read as it is: only `data`'s numbers take the store's form.
+                let form = reader.form.take();
+                skipped.clear();
+                let read = reader.value(&mut skipped, 1);
+                reader.form = form;
+                read.ok()?;
+            }
+            frame.members.push((key, &text[start..reader.at]));
+            reader.skip_whitespace();
+            match reader.peek() {
+                Some(b',') => reader.at += 1,
+                Some(b'}') => {
+                    reader.at += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    reader.end().ok()?;
+    Some(frame)
+}
+
 /// A string as `serde_json` writes it: as it is when nothing needs an
 /// escape, which is nearly always so for ids and keys.
 pub(crate) fn push_stored_string(out: &mut String, s: &str) {
@@ -176,6 +249,8 @@ struct Reader<'a> {
     /// The form numbers are made; `None` reads a kept text, whose numbers
     /// and characters were checked when it was made, as it is.
     form: Option<NumberForm>,
+    /// The deepest nesting read.
+    max_depth: usize,
 }
 
 impl<'a> Reader<'a> {
@@ -184,6 +259,7 @@ impl<'a> Reader<'a> {
             text,
             at: 0,
             form: Some(form),
+            max_depth: MAX_DEPTH,
         }
     }
 
@@ -238,7 +314,7 @@ impl<'a> Reader<'a> {
             Some(b'[') => self.array(out, depth + 1),
             Some(b'"') => {
                 let s = self.string()?;
-                push_stored_string(out, &s);
+                push_string(out, &s, matches!(s, Cow::Borrowed(_)));
                 Ok(())
             }
             Some(b'-' | b'0'..=b'9') => self.number(out),
@@ -319,13 +395,17 @@ impl<'a> Reader<'a> {
             }
         } else {
             let inner = &quoted[1..quoted.len() - 1];
-            if inner.bytes().any(|b| b < b' ') {
+            if has_control(inner) {
                 self.at = start;
                 return Err(self.malformed());
             }
             Cow::Borrowed(inner)
         };
-        if self.form.is_some() && contents.contains('\0') {
+        // A borrowed string has no control character, U+0000 included.
+        if let Cow::Owned(decoded) = &contents
+            && self.form.is_some()
+            && decoded.contains('\0')
+        {
             return Err(CanonicalError::NulCharacter);
         }
         Ok(contents)
@@ -360,9 +440,10 @@ impl<'a> Reader<'a> {
     }
 
     fn nest(&self, depth: usize) -> Result<(), CanonicalError> {
-        if depth > MAX_DEPTH {
+        if depth > self.max_depth {
             Err(CanonicalError::Malformed(format!(
-                "nests deeper than {MAX_DEPTH} levels"
+                "nests deeper than {} levels",
+                self.max_depth
             )))
         } else {
             Ok(())
@@ -397,7 +478,7 @@ impl<'a> Reader<'a> {
             if previous.is_some() {
                 out.push(',');
             }
-            push_stored_string(out, &key);
+            push_string(out, &key, matches!(key, Cow::Borrowed(_)));
             out.push(':');
             self.expect(b':')?;
             self.value(out, depth)?;
@@ -468,7 +549,7 @@ impl<'a> Reader<'a> {
             if i > 0 {
                 out.push(',');
             }
-            push_stored_string(out, key);
+            push_string(out, key, matches!(key, Cow::Borrowed(_)));
             out.push(':');
             out.push_str(&scratch[range.clone()]);
         }
@@ -476,9 +557,11 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    fn top_object(&mut self) -> Result<Payload, CanonicalError> {
-        let mut scratch = String::with_capacity(self.text.len());
-        let members = self.members(&mut scratch, 1)?;
+    /// The object here, at `depth`, as a payload.
+    fn top_object(&mut self, depth: usize) -> Result<Payload, CanonicalError> {
+        self.nest(depth)?;
+        let mut scratch = String::with_capacity(self.text.len() - self.at);
+        let members = self.members(&mut scratch, depth)?;
         Ok(Payload(
             members
                 .into_iter()
@@ -486,6 +569,24 @@ impl<'a> Reader<'a> {
                 .collect(),
         ))
     }
+}
+
+/// A string [`Reader::string`] read: one it borrowed has no escape and no
+/// control character, so it is written as it is, unscanned.
+fn push_string(out: &mut String, s: &str, borrowed: bool) {
+    if borrowed {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        push_stored_string(out, s);
+    }
+}
+
+/// Whether a string holds a control character (a fold, not a search: it
+/// vectorises, and strings without one are the rule).
+fn has_control(s: &str) -> bool {
+    s.bytes().fold(0u8, |any, b| any | u8::from(b < b' ')) != 0
 }
 
 /// A literal as `serde_json` keeps it: the exponent as `e`, signed (`1E5`

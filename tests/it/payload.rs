@@ -1,21 +1,34 @@
 //! An event's `data` read straight into stored texts equals the tree way:
-//! parse, normalise the numbers, serialise each value.
+//! parse, normalise the numbers, serialise each value; and a frame read in
+//! one pass decodes as serde's parse of the envelope does.
 
 use crate::canonical::json_value;
 use proptest::prelude::*;
 use serde_json::Value;
 use snapshotd::model::canonical::{NumberForm, normalize_value_as};
+use snapshotd::model::event::{DecodeError, Frame, Limits, decode, decode_reference};
 use snapshotd::model::payload::{Payload, PayloadError, stored_text};
 
-/// A small deterministic generator, so one proptest seed picks the layout.
-struct Dice(u64);
+/// A small deterministic generator, so one proptest seed picks the layout;
+/// one key in `twice` is written twice.
+struct Dice {
+    state: u64,
+    twice: u64,
+}
 
 impl Dice {
+    fn new(seed: u64) -> Dice {
+        Dice {
+            state: seed,
+            twice: 4,
+        }
+    }
+
     fn roll(&mut self, sides: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % sides
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state % sides
     }
 }
 
@@ -51,7 +64,8 @@ fn write_loosely(out: &mut String, value: &Value, dice: &mut Dice) {
             let mut first = true;
             for (key, item) in entries {
                 let decoy = Value::String("decoy".into());
-                let copies: &[&Value] = if dice.roll(4) == 0 {
+                let twice = dice.twice;
+                let copies: &[&Value] = if dice.roll(twice) == 0 {
                     &[&decoy, item]
                 } else {
                     &[item]
@@ -139,7 +153,7 @@ proptest! {
         object in prop::collection::btree_map("[a-z\u{e9}]{0,3}", json_value(), 0..6),
         seed in 1u64..,
     ) {
-        let mut dice = Dice(seed);
+        let mut dice = Dice::new(seed);
         for form in [NumberForm::Jsonb, NumberForm::Python] {
             let mut json = String::new();
             write_loosely(&mut json, &Value::Object(object.clone().into_iter().collect()), &mut dice);
@@ -165,7 +179,7 @@ proptest! {
         cut in any::<prop::sample::Index>(),
         junk in "[\\[\\]{}:,\"\\\\0-9a-z\u{0}-\u{1f} .eE+-]{1,3}",
     ) {
-        let mut dice = Dice(seed);
+        let mut dice = Dice::new(seed);
         let mut json = String::new();
         write_loosely(&mut json, &Value::Object(object.into_iter().collect()), &mut dice);
         let mut at = cut.index(json.len() + 1);
@@ -193,4 +207,125 @@ fn nul_lone_surrogates_and_depth_are_refused_with_a_reason() {
     let refused = text_way(&deep, form).unwrap_err();
     assert!(refused.contains("deeper than 128"), "{refused}");
     assert!(tree_way(&deep, form).is_err());
+}
+
+/// A field of an event frame: usually right, sometimes of another kind.
+fn field(right: impl Strategy<Value = Value> + 'static) -> BoxedStrategy<Option<Value>> {
+    // Mostly right, so that about half the frames are events.
+    prop_oneof![
+        40 => right.prop_map(Some),
+        1 => Just(None),
+        1 => Just(Some(Value::Null)),
+        1 => json_value().prop_map(Some),
+    ]
+    .boxed()
+}
+
+prop_compose! {
+    fn event_frame()(
+        event_type in field(prop_oneof![
+            9 => prop::sample::select(vec!["workflow.started", "task.completed", "stage.skipped"]),
+            1 => Just(""),
+        ].prop_map(Value::from)),
+        timestamp in field(prop_oneof![
+            9 => prop::sample::select(vec!["2026-11-26T03:59:48.120000+00:00", "2026-11-26 03:59:48.1234565"]),
+            1 => Just("yesterday"),
+        ].prop_map(Value::from)),
+        sequence in field(prop_oneof![
+            9 => (1i64..1000).prop_map(Value::from),
+            1 => Just(Value::from(0)),
+            1 => Just(Value::from(1.5)),
+        ]),
+        entity_type in field(prop_oneof![
+            9 => prop::sample::select(vec!["workflow", "stage", "task"]),
+            1 => Just("job"),
+        ].prop_map(Value::from)),
+        entity_id in field(prop_oneof![
+            9 => prop::sample::select(vec!["w1", "t\u{e9}"]),
+            1 => prop::sample::select(vec!["a\u{0}b", ""]),
+        ].prop_map(Value::from)),
+        workflow_id in field(Just(Value::from("w1"))),
+        data in field(prop::collection::btree_map("[a-z]{0,3}", json_value(), 0..5)
+            .prop_map(|m| Value::Object(m.into_iter().collect()))),
+        schema_version in field((0i64..3).prop_map(Value::from)),
+        metadata in field(Just(serde_json::from_str::<Value>(r#"{"actor": "system", "n": 1e400}"#).unwrap())),
+        extra in prop::collection::btree_map("[a-z_]{1,8}", json_value(), 0..3),
+        op in prop::option::weighted(0.05, prop::sample::select(vec!["ping", "flush", "nope"])),
+    ) -> Value {
+        let mut frame = serde_json::Map::new();
+        for (key, value) in [
+            ("event_type", event_type), ("timestamp", timestamp), ("sequence", sequence),
+            ("entity_type", entity_type), ("entity_id", entity_id), ("workflow_id", workflow_id),
+            ("data", data), ("schema_version", schema_version), ("metadata", metadata),
+        ] {
+            if let Some(value) = value {
+                frame.insert(key.into(), value);
+            }
+        }
+        frame.extend(extra);
+        if let Some(op) = op {
+            frame.insert("op".into(), op.into());
+        }
+        Value::Object(frame)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    /// decode's one pass decodes every line as the reference does: the
+    /// same event, or the same refusal (the one pass leaves those to it).
+    #[test]
+    fn decode_in_one_pass_agrees_with_the_reference(
+        frame in event_frame(),
+        seed in 1u64..,
+        max_depth in prop_oneof![Just(64usize), 1usize..8],
+        python in any::<bool>(),
+        cut in prop::option::weighted(0.2, (any::<prop::sample::Index>(), "[\\[\\]{}:,\"\\\\0-9a-z .eE+-]{1,2}")),
+    ) {
+        // A known key twice is refused: now and then.
+        let mut dice = Dice { twice: 100, ..Dice::new(seed) };
+        let mut line = String::new();
+        write_loosely(&mut line, &frame, &mut dice);
+        if let Some((at, junk)) = cut {
+            let mut at = at.index(line.len() + 1);
+            while !line.is_char_boundary(at) {
+                at -= 1;
+            }
+            line.insert_str(at, &junk);
+        }
+        let limits = Limits {
+            max_depth,
+            numbers: if python { NumberForm::Python } else { NumberForm::Jsonb },
+        };
+        prop_assert_eq!(
+            decode(line.as_bytes(), limits),
+            decode_reference(line.as_bytes(), limits),
+            "{}", line
+        );
+    }
+}
+
+#[test]
+fn a_well_formed_event_is_read_in_one_pass_and_others_are_not_lost() {
+    let limits = Limits {
+        max_depth: 64,
+        numbers: NumberForm::Jsonb,
+    };
+    let line = r#"{"event_type":"task.completed","timestamp":"2026-11-26T03:59:48.12+00:00","sequence":7,"entity_type":"task","entity_id":"t1","workflow_id":"w1","data":{"outputs":{"b":1e-7,"a":[1]},"status":"SUCCEEDED"},"metadata":{"n":1e400}}"#;
+    let decoded = decode(line.as_bytes(), limits).unwrap();
+    assert_eq!(decoded, decode_reference(line.as_bytes(), limits).unwrap());
+    let Frame::Event(event) = decoded else {
+        panic!("not an event")
+    };
+    assert_eq!(
+        event.data.get("outputs"),
+        Some(r#"{"a":[1],"b":0.0000001}"#)
+    );
+    // A known key twice is refused, as serde refuses it.
+    let twice = line.replace(r#""sequence":7,"#, r#""sequence":7,"sequence":null,"#);
+    assert!(matches!(
+        decode(twice.as_bytes(), limits),
+        Err(DecodeError::Malformed(reason)) if reason.contains("duplicate field `sequence`")
+    ));
 }
