@@ -255,8 +255,44 @@ impl serde_json::ser::Formatter for PythonFormatter {
 fn python_json(value: &Value) -> String {
     let mut out = Vec::with_capacity(256);
     let mut serializer = serde_json::Serializer::with_formatter(&mut out, PythonFormatter);
-    value.serialize(&mut serializer).unwrap();
+    InsertionOrder(value).serialize(&mut serializer).unwrap();
     String::from_utf8(out).unwrap()
+}
+
+/// A value whose objects write their keys in a fixed order that is not
+/// sorted: a Python dict keeps the order its keys were inserted in, so the
+/// daemon must sort what it reads (a `serde_json::Map` would write them
+/// sorted, sparing it that work).
+struct InsertionOrder<'a>(&'a Value);
+
+impl Serialize for InsertionOrder<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        match self.0 {
+            Value::Object(map) => {
+                let mut entries: Vec<_> = map.iter().collect();
+                // FNV-1a of the key: scrambled, and the same every run.
+                entries.sort_by_key(|(key, _)| {
+                    key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+                    })
+                });
+                let mut out = serializer.serialize_map(Some(entries.len()))?;
+                for (key, value) in entries {
+                    out.serialize_entry(key, &InsertionOrder(value))?;
+                }
+                out.end()
+            }
+            Value::Array(items) => {
+                let mut out = serializer.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    out.serialize_element(&InsertionOrder(item))?;
+                }
+                out.end()
+            }
+            other => other.serialize(serializer),
+        }
+    }
 }
 
 /// One generated event: its NDJSON line and, with `--events-table`, its row

@@ -62,12 +62,8 @@ impl Payload {
     /// The members of a stored object text (numbers already in the store's
     /// form, kept as they are); `None` if the text is not an object.
     pub fn from_stored(stored: &str) -> Option<Payload> {
-        let mut reader = Reader {
-            text: stored,
-            at: 0,
-            form: None,
-            max_depth: MAX_DEPTH,
-        };
+        let mut reader = Reader::new(stored, NumberForm::Jsonb);
+        reader.form = None;
         if reader.peek() != Some(b'{') {
             return None;
         }
@@ -251,6 +247,10 @@ struct Reader<'a> {
     form: Option<NumberForm>,
     /// The deepest nesting read.
     max_depth: usize,
+    /// The members of the objects being read, innermost last.
+    stack: Members<'a>,
+    /// Where an object's members are copied to be put in order.
+    scratch: String,
 }
 
 impl<'a> Reader<'a> {
@@ -260,6 +260,8 @@ impl<'a> Reader<'a> {
             at: 0,
             form: Some(form),
             max_depth: MAX_DEPTH,
+            stack: Vec::new(),
+            scratch: String::new(),
         }
     }
 
@@ -450,12 +452,13 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// An object written as it reads while its keys come in order (the
-    /// common case for nested objects); otherwise read again and sorted.
+    /// An object, its members written as they are read; if their keys did
+    /// not come in order (or one came twice), the members are then put in
+    /// order where they were written, the last of a repeated key kept.
     fn object(&mut self, out: &mut String, depth: usize) -> Result<(), CanonicalError> {
         self.nest(depth)?;
-        let (start, written) = (self.at, out.len());
         self.at += 1;
+        let begin = out.len();
         out.push('{');
         self.skip_whitespace();
         if self.peek() == Some(b'}') {
@@ -463,36 +466,61 @@ impl<'a> Reader<'a> {
             out.push('}');
             return Ok(());
         }
-        let mut previous: Option<Cow<'a, str>> = None;
+        // This object's members go on the stack above `base`; a nested
+        // object's above them, gone when it ends.
+        let base = self.stack.len();
+        let mut in_order = true;
         loop {
             self.skip_whitespace();
             if self.peek() != Some(b'"') {
                 return Err(self.malformed());
             }
             let key = self.string()?;
-            if previous.as_ref().is_some_and(|p| **p >= *key) {
-                self.at = start;
-                out.truncate(written);
-                return self.sorted_object(out, depth);
-            }
-            if previous.is_some() {
+            if self.stack.len() > base {
+                let (previous, _) = &self.stack[self.stack.len() - 1];
+                in_order &= **previous < *key;
                 out.push(',');
             }
+            let from = out.len();
             push_string(out, &key, matches!(key, Cow::Borrowed(_)));
             out.push(':');
             self.expect(b':')?;
             self.value(out, depth)?;
-            previous = Some(key);
+            self.stack.push((key, from..out.len()));
             self.skip_whitespace();
             match self.peek() {
                 Some(b',') => self.at += 1,
                 Some(b'}') => {
                     self.at += 1;
+                    if !in_order {
+                        self.put_in_order(out, begin + 1, base);
+                    }
+                    self.stack.truncate(base);
                     out.push('}');
                     return Ok(());
                 }
                 _ => return Err(self.malformed()),
             }
+        }
+    }
+
+    /// Rewrite the members on the stack above `base`, written to `out`
+    /// from `from`, in key order (stable: of a repeated key the last read
+    /// is the last of its run, and the one kept).
+    fn put_in_order(&mut self, out: &mut String, from: usize, base: usize) {
+        let members = &mut self.stack[base..];
+        members.sort_by(|a, b| a.0.cmp(&b.0));
+        self.scratch.clear();
+        self.scratch.push_str(&out[from..]);
+        out.truncate(from);
+        for (i, (key, range)) in members.iter().enumerate() {
+            if members.get(i + 1).is_some_and(|(next, _)| next == key) {
+                continue;
+            }
+            if out.len() > from {
+                out.push(',');
+            }
+            out.push_str(&self.scratch[range.start - from..range.end - from]);
         }
     }
 
@@ -539,22 +567,6 @@ impl<'a> Reader<'a> {
                 _ => return Err(self.malformed()),
             }
         }
-    }
-
-    fn sorted_object(&mut self, out: &mut String, depth: usize) -> Result<(), CanonicalError> {
-        let mut scratch = String::new();
-        let members = self.members(&mut scratch, depth)?;
-        out.push('{');
-        for (i, (key, range)) in members.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            push_string(out, key, matches!(key, Cow::Borrowed(_)));
-            out.push(':');
-            out.push_str(&scratch[range.clone()]);
-        }
-        out.push('}');
-        Ok(())
     }
 
     /// The object here, at `depth`, as a payload.
