@@ -170,6 +170,7 @@ async fn read_connection(
             frame += 1;
             let handled = if skipping {
                 skipping = false;
+                conn.send_events(ctx);
                 refuse(
                     frame,
                     DecodeError::TooLong(ctx.max_frame_bytes),

@@ -325,7 +325,7 @@ fn decode_event(env: Fields, numbers: NumberForm) -> Result<Event, DecodeError> 
     let data = match (env.payload, env.data) {
         (Some(payload), _) => payload,
         (None, None) => Payload::default(),
-        (None, Some(raw)) => Payload::from_json(raw, numbers).map_err(|e| match e {
+        (None, Some(raw)) => Payload::from_frame_data(raw, numbers).map_err(|e| match e {
             PayloadError::NotAnObject => {
                 DecodeError::Invalid("data", "must be a JSON object".into())
             }

@@ -10,7 +10,9 @@
 //! ([`crate::reducer::workflow`]). A reducer that does look inside a value
 //! parses its text ([`Payload::value`]).
 
-use super::canonical::{CanonicalError, NumberForm, kept_as_is, normalize_number_as, truncated};
+use super::canonical::{
+    CanonicalError, NumberForm, kept_as_is, normalize_number_as, normalize_value_as, truncated,
+};
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::ops::Range;
@@ -18,8 +20,9 @@ use std::ops::Range;
 /// An object's members: each key with where its value's stored text is.
 type Members<'a> = Vec<(Cow<'a, str>, Range<usize>)>;
 
-/// How deep a payload may nest, as `serde_json`'s own parser allows.
-const MAX_DEPTH: usize = 128;
+/// How deep a payload may nest, as `serde_json`'s own parser allows (its
+/// recursion limit of 128 refuses the 128th level).
+const MAX_DEPTH: usize = 127;
 
 /// Each key of an event's `data` with its value's stored text, in key order.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -37,11 +40,57 @@ pub enum PayloadError {
 impl Payload {
     /// The payload of `json`, an object or `null` (no keys), numbers made
     /// `form`.
+    ///
+    /// A value the reader refuses (U+0000, a number out of range) is then
+    /// judged the tree way, as the whole is: it may be the earlier value of
+    /// a repeated key, which the tree drops, and the tree names a syntax
+    /// fault before any value's.
     pub fn from_json(json: &str, form: NumberForm) -> Result<Payload, PayloadError> {
+        Payload::at_level(json, form, 1)
+    }
+
+    /// [`Self::from_json`] of a frame's `data`, one level down: the depth
+    /// allowed is what is left under the envelope, as when `serde_json`
+    /// read it with the envelope.
+    pub(crate) fn from_frame_data(json: &str, form: NumberForm) -> Result<Payload, PayloadError> {
+        Payload::at_level(json, form, 2)
+    }
+
+    fn at_level(json: &str, form: NumberForm, level: usize) -> Result<Payload, PayloadError> {
+        match Payload::read(json, form, level) {
+            Err(PayloadError::Value(e)) if !matches!(e, CanonicalError::Malformed(_)) => {
+                Payload::from_tree(json, form, level)
+            }
+            read => read,
+        }
+    }
+
+    /// [`Self::from_json`] by way of a tree: parsed, numbers normalised,
+    /// each value serialised.
+    fn from_tree(json: &str, form: NumberForm, level: usize) -> Result<Payload, PayloadError> {
+        let malformed = |e: serde_json::Error| CanonicalError::Malformed(e.to_string());
+        let mut value: Value = if level > 1 {
+            // Inside an array, the parser's depth limit counts from level 2.
+            match serde_json::from_str(&format!("[{json}]")).map_err(malformed)? {
+                Value::Array(mut items) if items.len() == 1 => items.remove(0),
+                _ => return Err(CanonicalError::Malformed(truncated(json)).into()),
+            }
+        } else {
+            serde_json::from_str(json).map_err(malformed)?
+        };
+        normalize_value_as(&mut value, form)?;
+        match value {
+            Value::Object(map) => Ok(Payload::from_map(&map)),
+            Value::Null => Ok(Payload::default()),
+            _ => Err(PayloadError::NotAnObject),
+        }
+    }
+
+    fn read(json: &str, form: NumberForm, level: usize) -> Result<Payload, PayloadError> {
         let mut reader = Reader::new(json, form);
         reader.skip_whitespace();
         let payload = match reader.peek() {
-            Some(b'{') => reader.top_object(1)?,
+            Some(b'{') => reader.top_object(level)?,
             Some(b'n') => {
                 reader.word("null", &mut String::new())?;
                 Payload::default()
@@ -49,7 +98,7 @@ impl Payload {
             Some(_) => {
                 // Any other JSON value is refused as such; anything else as
                 // not JSON.
-                reader.value(&mut String::new(), 0)?;
+                reader.value(&mut String::new(), level - 1)?;
                 reader.end()?;
                 return Err(PayloadError::NotAnObject);
             }
@@ -143,15 +192,6 @@ fn stored(value: &Value) -> Box<str> {
 
 fn parse(text: &str) -> Value {
     serde_json::from_str(text).expect("a stored text is JSON")
-}
-
-/// The stored text of `json`, any JSON value, numbers made `form`.
-pub fn stored_text(json: &str, form: NumberForm) -> Result<String, CanonicalError> {
-    let mut reader = Reader::new(json, form);
-    let mut out = String::with_capacity(json.len());
-    reader.value(&mut out, 0)?;
-    reader.end()?;
-    Ok(out)
 }
 
 /// A frame's top-level members, read in one pass

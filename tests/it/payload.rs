@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use serde_json::Value;
 use snapshotd::model::canonical::{NumberForm, normalize_value_as};
 use snapshotd::model::event::{DecodeError, Frame, Limits, decode, decode_reference};
-use snapshotd::model::payload::{Payload, PayloadError, stored_text};
+use snapshotd::model::payload::{Payload, PayloadError};
 
 /// A small deterministic generator, so one proptest seed picks the layout;
 /// one key in `twice` is written twice.
@@ -134,11 +134,10 @@ fn text_way(json: &str, form: NumberForm) -> Result<Vec<(String, String)>, Strin
 fn same(json: &str, form: NumberForm) -> Result<(), TestCaseError> {
     let (tree, text) = (tree_way(json, form), text_way(json, form));
     match (&tree, &text) {
-        // Refused either way; numbers are checked as they are read, so a
-        // bad number ahead of the fault may be named first. (A frame's
-        // `data` is parsed with the envelope before, so a producer is told
-        // "malformed" all the same.)
-        (Err(a), Err(_)) if a.starts_with("malformed") => {}
+        // Refused as malformed either way, in words of its own.
+        (Err(a), Err(b)) if a.starts_with("malformed") => {
+            prop_assert!(b.starts_with("not valid JSON"), "{json}: {a} vs {b}")
+        }
         _ => prop_assert_eq!(&tree, &text, "{} ({:?})", json, form),
     }
     Ok(())
@@ -164,8 +163,9 @@ proptest! {
             same(&json, form)?;
             let mut expected = value.clone();
             if normalize_value_as(&mut expected, form).is_ok() {
+                let wrapped = Payload::from_json(&format!("{{\"v\":{json}}}"), form).unwrap();
                 prop_assert_eq!(
-                    stored_text(&json, form).unwrap(),
+                    wrapped.get("v").unwrap(),
                     serde_json::to_string(&expected).unwrap()
                 );
             }
@@ -203,10 +203,40 @@ fn nul_lone_surrogates_and_depth_are_refused_with_a_reason() {
     assert!(surrogate.contains("hex escape"), "{surrogate}");
     let surrogate = text_way(r#"{"a": "\udc00x"}"#, form).unwrap_err();
     assert!(surrogate.contains("surrogate"), "{surrogate}");
-    let deep = format!("{{\"a\":{}1{}}}", "[".repeat(130), "]".repeat(130));
-    let refused = text_way(&deep, form).unwrap_err();
-    assert!(refused.contains("deeper than 128"), "{refused}");
-    assert!(tree_way(&deep, form).is_err());
+    // serde_json reads 127 levels and refuses the 128th: so does the reader.
+    for levels in [126, 127, 128, 200] {
+        let deep = format!("{}1{}", "[".repeat(levels - 1), "]".repeat(levels - 1));
+        let deep = format!("{{\"a\":{deep}}}");
+        let (text, tree) = (text_way(&deep, form), tree_way(&deep, form));
+        assert_eq!(
+            text.is_ok(),
+            tree.is_ok(),
+            "{levels} levels: {text:?} vs {tree:?}"
+        );
+        assert_eq!(text.is_ok(), levels <= 127, "{levels} levels");
+    }
+    // An earlier value of a repeated key is dropped, not judged; the
+    // tree names a syntax fault before a value's.
+    for (json, keys) in [
+        (
+            r#"{"a": "\u0000", "a": 1}"#,
+            Ok(vec![("a".to_string(), "1".to_string())]),
+        ),
+        (
+            r#"{"x": {"n": 1e5000, "n": 0}}"#,
+            Ok(vec![("x".to_string(), r#"{"n":0}"#.to_string())]),
+        ),
+    ] {
+        assert_eq!(text_way(json, form), keys, "{json}");
+        assert_eq!(tree_way(json, form), keys, "{json}");
+    }
+    let json = r#"{"a": "\u0000", "b": "\ud800"}"#;
+    assert!(
+        text_way(json, form)
+            .unwrap_err()
+            .starts_with("not valid JSON")
+    );
+    assert!(tree_way(json, form).unwrap_err().starts_with("malformed"));
 }
 
 /// A field of an event frame: usually right, sometimes of another kind.
@@ -322,6 +352,19 @@ fn a_well_formed_event_is_read_in_one_pass_and_others_are_not_lost() {
         event.data.get("outputs"),
         Some(r#"{"a":[1],"b":0.0000001}"#)
     );
+    // However deep `socket.max_depth` allows, a frame nests at most 127
+    // levels, as serde_json reads it: a state read back stays readable.
+    let deep = Limits {
+        max_depth: 1000,
+        numbers: NumberForm::Jsonb,
+    };
+    for arrays in [124, 125, 126] {
+        let nested = format!("{}1{}", "[".repeat(arrays), "]".repeat(arrays));
+        let line = line.replace(r#"{"b":1e-7,"a":[1]}"#, &nested);
+        let decoded = decode(line.as_bytes(), deep);
+        assert_eq!(decoded, decode_reference(line.as_bytes(), deep));
+        assert_eq!(decoded.is_ok(), 2 + arrays <= 127, "{arrays}: {decoded:?}");
+    }
     // A known key twice is refused, as serde refuses it.
     let twice = line.replace(r#""sequence":7,"#, r#""sequence":7,"sequence":null,"#);
     assert!(matches!(
