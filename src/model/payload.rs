@@ -17,8 +17,9 @@ use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::ops::Range;
 
-/// An object's members: each key with where its value's stored text is.
-type Members<'a> = Vec<(Cow<'a, str>, Range<usize>)>;
+/// An object's members as read: each key with the range of the text written
+/// for it.
+type Member<'a> = (Cow<'a, str>, Range<usize>);
 
 /// How deep a payload may nest, as `serde_json`'s own parser allows (its
 /// recursion limit of 128 refuses the 128th level).
@@ -87,7 +88,7 @@ impl Payload {
     }
 
     fn read(json: &str, form: NumberForm, level: usize) -> Result<Payload, PayloadError> {
-        let mut reader = Reader::new(json, form);
+        let mut reader = Reader::new(json, Some(form));
         reader.skip_whitespace();
         let payload = match reader.peek() {
             Some(b'{') => reader.top_object(level)?,
@@ -111,8 +112,7 @@ impl Payload {
     /// The members of a stored object text (numbers already in the store's
     /// form, kept as they are); `None` if the text is not an object.
     pub fn from_stored(stored: &str) -> Option<Payload> {
-        let mut reader = Reader::new(stored, NumberForm::Jsonb);
-        reader.form = None;
+        let mut reader = Reader::new(stored, None);
         if reader.peek() != Some(b'{') {
             return None;
         }
@@ -128,14 +128,6 @@ impl Payload {
                 .map(|(k, v)| (k.as_str().into(), stored(v)))
                 .collect(),
         )
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
     }
 
     /// The stored text of `data[key]`.
@@ -212,33 +204,23 @@ pub(crate) fn read_frame(
     form: NumberForm,
     max_depth: usize,
 ) -> Option<FrameMembers<'_>> {
-    let mut reader = Reader::new(text, form);
+    let mut reader = Reader::new(text, Some(form));
     reader.max_depth = max_depth.min(MAX_DEPTH);
     reader.skip_whitespace();
     if reader.peek() != Some(b'{') || reader.nest(1).is_err() {
         return None;
     }
-    reader.at += 1;
     let mut frame = FrameMembers {
         members: Vec::with_capacity(12),
         data: None,
     };
     let mut skipped = String::new();
-    reader.skip_whitespace();
-    if reader.peek() == Some(b'}') {
-        reader.at += 1;
-    } else {
-        loop {
-            reader.skip_whitespace();
-            if reader.peek() != Some(b'"') {
-                return None;
-            }
-            let key = reader.string().ok()?;
-            reader.expect(b':').ok()?;
+    reader
+        .each_member(|reader, key| {
             reader.skip_whitespace();
             let start = reader.at;
             if key == "data" && reader.peek() == Some(b'{') {
-                frame.data = Some(reader.top_object(2).ok()?);
+                frame.data = Some(reader.top_object(2)?);
             } else {
                 if key == "data" {
                     frame.data = None;
@@ -248,20 +230,12 @@ pub(crate) fn read_frame(
                 skipped.clear();
                 let read = reader.value(&mut skipped, 1);
                 reader.form = form;
-                read.ok()?;
+                read?;
             }
             frame.members.push((key, &text[start..reader.at]));
-            reader.skip_whitespace();
-            match reader.peek() {
-                Some(b',') => reader.at += 1,
-                Some(b'}') => {
-                    reader.at += 1;
-                    break;
-                }
-                _ => return None,
-            }
-        }
-    }
+            Ok(())
+        })
+        .ok()?;
     reader.end().ok()?;
     Some(frame)
 }
@@ -288,17 +262,17 @@ struct Reader<'a> {
     /// The deepest nesting read.
     max_depth: usize,
     /// The members of the objects being read, innermost last.
-    stack: Members<'a>,
+    stack: Vec<Member<'a>>,
     /// Where an object's members are copied to be put in order.
     scratch: String,
 }
 
 impl<'a> Reader<'a> {
-    fn new(text: &'a str, form: NumberForm) -> Reader<'a> {
+    fn new(text: &'a str, form: Option<NumberForm>) -> Reader<'a> {
         Reader {
             text,
             at: 0,
-            form: Some(form),
+            form,
             max_depth: MAX_DEPTH,
             stack: Vec::new(),
             scratch: String::new(),
@@ -492,51 +466,32 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// An object, its members written as they are read; if their keys did
-    /// not come in order (or one came twice), the members are then put in
-    /// order where they were written, the last of a repeated key kept.
-    fn object(&mut self, out: &mut String, depth: usize) -> Result<(), CanonicalError> {
-        self.nest(depth)?;
+    /// Read the object here (at its `{`) member by member, up to its `}`:
+    /// `value` reads each member's value, given the reader past the colon
+    /// and the member's key.
+    fn each_member(
+        &mut self,
+        mut value: impl FnMut(&mut Self, Cow<'a, str>) -> Result<(), CanonicalError>,
+    ) -> Result<(), CanonicalError> {
         self.at += 1;
-        let begin = out.len();
-        out.push('{');
         self.skip_whitespace();
         if self.peek() == Some(b'}') {
             self.at += 1;
-            out.push('}');
             return Ok(());
         }
-        // This object's members go on the stack above `base`; a nested
-        // object's above them, gone when it ends.
-        let base = self.stack.len();
-        let mut in_order = true;
         loop {
             self.skip_whitespace();
             if self.peek() != Some(b'"') {
                 return Err(self.malformed());
             }
             let key = self.string()?;
-            if self.stack.len() > base {
-                let (previous, _) = &self.stack[self.stack.len() - 1];
-                in_order &= **previous < *key;
-                out.push(',');
-            }
-            let from = out.len();
-            push_string(out, &key, matches!(key, Cow::Borrowed(_)));
-            out.push(':');
             self.expect(b':')?;
-            self.value(out, depth)?;
-            self.stack.push((key, from..out.len()));
+            value(self, key)?;
             self.skip_whitespace();
             match self.peek() {
                 Some(b',') => self.at += 1,
                 Some(b'}') => {
                     self.at += 1;
-                    if !in_order {
-                        self.put_in_order(out, begin + 1, base);
-                    }
-                    self.stack.truncate(base);
-                    out.push('}');
                     return Ok(());
                 }
                 _ => return Err(self.malformed()),
@@ -544,83 +499,76 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// Rewrite the members on the stack above `base`, written to `out`
-    /// from `from`, in key order (stable: of a repeated key the last read
-    /// is the last of its run, and the one kept).
-    fn put_in_order(&mut self, out: &mut String, from: usize, base: usize) {
-        let members = &mut self.stack[base..];
-        members.sort_by(|a, b| a.0.cmp(&b.0));
-        self.scratch.clear();
-        self.scratch.push_str(&out[from..]);
-        out.truncate(from);
-        for (i, (key, range)) in members.iter().enumerate() {
-            if members.get(i + 1).is_some_and(|(next, _)| next == key) {
-                continue;
-            }
-            if out.len() > from {
+    /// An object, its members written as they are read; if their keys did
+    /// not come in order (or one came twice), the members are then put in
+    /// order where they were written, the last of a repeated key kept.
+    fn object(&mut self, out: &mut String, depth: usize) -> Result<(), CanonicalError> {
+        self.nest(depth)?;
+        let begin = out.len();
+        out.push('{');
+        // This object's members go on the stack above `base`; a nested
+        // object's above them, gone when it ends.
+        let base = self.stack.len();
+        let mut in_order = true;
+        self.each_member(|reader, key| {
+            if let Some((previous, _)) = reader.stack[base..].last() {
+                in_order &= **previous < *key;
                 out.push(',');
             }
-            out.push_str(&self.scratch[range.start - from..range.end - from]);
-        }
-    }
-
-    /// Read an object's members: each key with the range of `scratch` its
-    /// value's stored text was written to.
-    fn members(
-        &mut self,
-        scratch: &mut String,
-        depth: usize,
-    ) -> Result<Members<'a>, CanonicalError> {
-        self.at += 1;
-        let mut members = Vec::new();
-        self.skip_whitespace();
-        if self.peek() == Some(b'}') {
-            self.at += 1;
-            return Ok(members);
-        }
-        loop {
-            self.skip_whitespace();
-            if self.peek() != Some(b'"') {
-                return Err(self.malformed());
-            }
-            let key = self.string()?;
-            self.expect(b':')?;
-            let from = scratch.len();
-            self.value(scratch, depth)?;
-            members.push((key, from..scratch.len()));
-            self.skip_whitespace();
-            match self.peek() {
-                Some(b',') => self.at += 1,
-                Some(b'}') => {
-                    self.at += 1;
-                    // Stable: of equal keys the last read stays last.
-                    members.sort_by(|a, b| a.0.cmp(&b.0));
-                    members.dedup_by(|later, earlier| {
-                        let same = later.0 == earlier.0;
-                        if same {
-                            std::mem::swap(later, earlier);
-                        }
-                        same
-                    });
-                    return Ok(members);
+            let from = out.len();
+            push_string(out, &key, matches!(key, Cow::Borrowed(_)));
+            out.push(':');
+            reader.value(out, depth)?;
+            reader.stack.push((key, from..out.len()));
+            Ok(())
+        })?;
+        if !in_order {
+            // Rewritten from a copy of the members' text.
+            let from = begin + 1;
+            self.scratch.clear();
+            self.scratch.push_str(&out[from..]);
+            out.truncate(from);
+            for (_, range) in in_key_order(&mut self.stack[base..]) {
+                if out.len() > from {
+                    out.push(',');
                 }
-                _ => return Err(self.malformed()),
+                out.push_str(&self.scratch[range.start - from..range.end - from]);
             }
         }
+        self.stack.truncate(base);
+        out.push('}');
+        Ok(())
     }
 
     /// The object here, at `depth`, as a payload.
     fn top_object(&mut self, depth: usize) -> Result<Payload, CanonicalError> {
         self.nest(depth)?;
         let mut scratch = String::with_capacity(self.text.len() - self.at);
-        let members = self.members(&mut scratch, depth)?;
+        let mut members = Vec::new();
+        self.each_member(|reader, key| {
+            let from = scratch.len();
+            reader.value(&mut scratch, depth)?;
+            members.push((key, from..scratch.len()));
+            Ok(())
+        })?;
         Ok(Payload(
-            members
-                .into_iter()
-                .map(|(key, range)| (Box::from(&*key), Box::from(&scratch[range])))
+            in_key_order(&mut members)
+                .map(|(key, range)| (Box::from(&**key), Box::from(&scratch[range.clone()])))
                 .collect(),
         ))
     }
+}
+
+/// `members` sorted by key, each repeated key's last member only: the one
+/// a map keeps. (The sort is stable, so the last read is last of its run.)
+fn in_key_order<'m, 'a>(members: &'m mut [Member<'a>]) -> impl Iterator<Item = &'m Member<'a>> {
+    members.sort_by(|a, b| a.0.cmp(&b.0));
+    let members = &*members;
+    members
+        .iter()
+        .enumerate()
+        .filter(|&(i, (key, _))| members.get(i + 1).is_none_or(|(next, _)| next != key))
+        .map(|(_, member)| member)
 }
 
 /// A string [`Reader::string`] read: one it borrowed has no escape and no
