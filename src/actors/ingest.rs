@@ -170,7 +170,6 @@ async fn read_connection(
             frame += 1;
             let handled = if skipping {
                 skipping = false;
-                conn.send_events(ctx);
                 refuse(
                     frame,
                     DecodeError::TooLong(ctx.max_frame_bytes),
@@ -371,14 +370,8 @@ async fn handle_frame(
             }
             Ok(())
         }
-        Ok(Frame::Command(command)) => {
-            conn.send_events(ctx);
-            command_reply(frame, command, ctx, conn).await
-        }
-        Err(error) => {
-            conn.send_events(ctx);
-            refuse(frame, error, ctx, conn).await
-        }
+        Ok(Frame::Command(command)) => command_reply(frame, command, ctx, conn).await,
+        Err(error) => refuse(frame, error, ctx, conn).await,
     }
 }
 
@@ -388,6 +381,8 @@ async fn refuse(
     ctx: &IngestContext,
     conn: &mut Conn,
 ) -> Result<(), Stop> {
+    // The events before it go first: the reply may wait for room.
+    conn.send_events(ctx);
     let reason = error.to_string();
     ctx.stats
         .invalid_frame(conn.id, frame, error.kind(), &reason);
@@ -417,6 +412,9 @@ async fn command_reply(
     ctx: &IngestContext,
     conn: &mut Conn,
 ) -> Result<(), Stop> {
+    // The events before it go first: a command sees them, and its reply
+    // may wait for room.
+    conn.send_events(ctx);
     let command = match command {
         Command::Ping => return conn.reply(ok_line("ping", frame, json!({}))).await,
         Command::Stats => {
