@@ -19,6 +19,7 @@ use crate::model::canonical::{CanonicalError, write_canonical_from_stored, write
 use crate::model::event::{Event, render_timestamp};
 use crate::model::payload::{Payload, push_stored_string};
 use serde_json::{Map, Value};
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
 /// One JSON value as stored: `serde_json`'s compact text of it, numbers in
@@ -62,6 +63,53 @@ const TYPE: usize = 11;
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Child(Box<[Option<Text>; 12]>);
 
+/// A workflow's stages or tasks by id, in code point order of their ids.
+///
+/// A sorted vector, not a `BTreeMap`: ids are ULIDs, which sort in the
+/// order they were made, so the entry an event is for is nearly always the
+/// last one or a new last one, found with one comparison. A tree would
+/// compare the id with a key in each node on its way down to its right
+/// edge, each key an allocation of its own and, with thousands of
+/// workflows in memory, rarely in the cache.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Children(Vec<(Box<str>, Child)>);
+
+impl Children {
+    /// The entry of `id`, made by `new` if there is none.
+    fn entry(&mut self, id: &str, new: impl FnOnce() -> Child) -> &mut Child {
+        let entries = &mut self.0;
+        let at = match entries.last().map(|(last, _)| (**last).cmp(id)) {
+            Some(Ordering::Equal) => entries.len() - 1,
+            None | Some(Ordering::Less) => {
+                entries.push((id.into(), new()));
+                entries.len() - 1
+            }
+            Some(Ordering::Greater) => match entries.binary_search_by(|(k, _)| (**k).cmp(id)) {
+                Ok(at) => at,
+                Err(at) => {
+                    entries.insert(at, (id.into(), new()));
+                    at
+                }
+            },
+        };
+        &mut entries[at].1
+    }
+
+    /// Each id and entry, in id order.
+    fn iter(&self) -> impl Iterator<Item = (&str, &Child)> {
+        self.0.iter().map(|(id, child)| (&**id, child))
+    }
+}
+
+/// From entries of distinct ids, in any order.
+impl FromIterator<(Box<str>, Child)> for Children {
+    fn from_iter<I: IntoIterator<Item = (Box<str>, Child)>>(entries: I) -> Children {
+        let mut entries: Vec<_> = entries.into_iter().collect();
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Children(entries)
+    }
+}
+
 /// `WorkflowState.to_dict()`, compact.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkflowState {
@@ -69,10 +117,10 @@ pub struct WorkflowState {
     context: BTreeMap<Box<str>, Text>,
     end_time: Text,
     name: Text,
-    stages: BTreeMap<Box<str>, Child>,
+    stages: Children,
     start_time: Text,
     status: Text,
-    tasks: BTreeMap<Box<str>, Child>,
+    tasks: Children,
     workflow_id: Text,
 }
 
@@ -139,10 +187,10 @@ impl WorkflowState {
             context: BTreeMap::new(),
             end_time: null(),
             name: null(),
-            stages: BTreeMap::new(),
+            stages: Children::default(),
             start_time: null(),
             status: null(),
-            tasks: BTreeMap::new(),
+            tasks: Children::default(),
             workflow_id: string(workflow_id),
         }
     }
@@ -222,7 +270,7 @@ impl WorkflowState {
             return None;
         }
         let text = |key: &str| map.get(key).map(value);
-        let children = |key: &str| -> Option<BTreeMap<Box<str>, Child>> {
+        let children = |key: &str| -> Option<Children> {
             let Value::Object(entries) = map.get(key)? else {
                 return None;
             };
@@ -268,7 +316,7 @@ impl WorkflowState {
         let parse = |text: &str| -> Value {
             serde_json::from_str(json(text)).expect("a kept text is JSON")
         };
-        let children = |map: &BTreeMap<Box<str>, Child>| -> Value {
+        let children = |map: &Children| -> Value {
             let entries = map.iter().map(|(id, child)| {
                 let fields = CHILD_KEYS
                     .iter()
@@ -335,7 +383,7 @@ impl WorkflowState {
             out.push_str(colon);
             Ok::<_, CanonicalError>(())
         };
-        let children = |out: &mut String, map: &BTreeMap<Box<str>, Child>| {
+        let children = |out: &mut String, map: &Children| {
             out.push('{');
             for (i, (id, child)) in map.iter().enumerate() {
                 entry(out, i, id)?;
@@ -381,14 +429,9 @@ impl WorkflowState {
 }
 
 /// Stage and task events: the first event of any type creates the entry.
-fn apply_child(
-    children: &mut BTreeMap<Box<str>, Child>,
-    kind: &str,
-    event: &Event,
-    data: &mut impl Data,
-) {
+fn apply_child(children: &mut Children, kind: &str, event: &Event, data: &mut impl Data) {
     let id = &*event.entity_id;
-    let child = children.entry(id.into()).or_insert_with(|| {
+    let child = children.entry(id, || {
         let mut child = Child::default();
         child.0[ID] = Some(string(id));
         let fields: &[usize] = if kind == "stage" {
