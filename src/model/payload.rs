@@ -375,19 +375,24 @@ impl<'a> Reader<'a> {
         let start = self.at;
         self.at += 1; // the opening quote
         let bytes = self.bytes();
-        let mut escaped = false;
+        let (mut escaped, mut control) = (false, false);
         loop {
-            let Some(found) = memchr::memchr2(b'"', b'\\', &bytes[self.at..]) else {
-                self.at = start;
-                return Err(self.malformed());
-            };
-            self.at += found;
-            if bytes[self.at] == b'"' {
-                self.at += 1;
-                break;
+            self.at += plain_run(&bytes[self.at..]);
+            match bytes.get(self.at) {
+                Some(b'"') => {
+                    self.at += 1;
+                    break;
+                }
+                Some(b'\\') => {
+                    escaped = true;
+                    self.at += 2;
+                }
+                Some(_) => {
+                    control = true;
+                    self.at += 1;
+                }
+                None => self.at = bytes.len() + 1,
             }
-            escaped = true;
-            self.at += 2;
             if self.at > bytes.len() {
                 self.at = start;
                 return Err(self.malformed());
@@ -410,12 +415,11 @@ impl<'a> Reader<'a> {
                 }
             }
         } else {
-            let inner = &quoted[1..quoted.len() - 1];
-            if has_control(inner) {
+            if control {
                 self.at = start;
                 return Err(self.malformed());
             }
-            Cow::Borrowed(inner)
+            Cow::Borrowed(&quoted[1..quoted.len() - 1])
         };
         // A borrowed string has no control character, U+0000 included.
         if let Cow::Owned(decoded) = &contents
@@ -583,10 +587,31 @@ fn push_string(out: &mut String, s: &str, borrowed: bool) {
     }
 }
 
-/// Whether a string holds a control character (a fold, not a search: it
-/// vectorises, and strings without one are the rule).
-fn has_control(s: &str) -> bool {
-    s.bytes().fold(0u8, |any, b| any | u8::from(b < b' ')) != 0
+/// How many bytes of string contents come before the first quote,
+/// backslash or control character (all of `bytes` if none does). Eight
+/// bytes at a time: most strings are ids and short words, too short for a
+/// vector search to pay for its setup.
+fn plain_run(bytes: &[u8]) -> usize {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // The high bit of each byte of `word` below `n` (exact for the first
+    // such byte, which is all that is read of it).
+    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGH;
+    let mut at = 0;
+    while let Some(chunk) = bytes.get(at..at + 8) {
+        let word = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        let stops = below(word ^ (ONES * u64::from(b'"')), 1)
+            | below(word ^ (ONES * u64::from(b'\\')), 1)
+            | below(word, b' ');
+        if stops != 0 {
+            return at + (stops.trailing_zeros() / 8) as usize;
+        }
+        at += 8;
+    }
+    at + bytes[at..]
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < b' ')
+        .unwrap_or(bytes.len() - at)
 }
 
 /// A literal as `serde_json` keeps it: the exponent as `e`, signed (`1E5`
@@ -662,6 +687,30 @@ mod tests {
 
     fn pairs(p: &Payload) -> Vec<(String, String)> {
         p.iter().map(|(k, v)| (k.into(), v.into())).collect()
+    }
+
+    #[test]
+    fn a_plain_run_stops_at_the_first_quote_backslash_or_control_character() {
+        let plain = |b: u8| b >= b' ' && b != b'"' && b != b'\\';
+        // Every byte value, at every place of two words and their tail,
+        // after plain bytes that sit just beside the stops (and after
+        // non-ASCII ones, which a byte-wise trick could misread).
+        for filler in [b'!', b'#', b'[', b']', 0x7f, 0x80, 0xa2, 0xff, b' '] {
+            for stop in 0..=255u8 {
+                for at in 0..19 {
+                    let mut bytes = vec![filler; 19];
+                    bytes[at] = stop;
+                    // A stop later on must not hide or move the first.
+                    bytes[18] = b'"';
+                    let expected = bytes.iter().position(|&b| !plain(b)).unwrap();
+                    assert_eq!(plain_run(&bytes), expected, "{filler:#x} {stop:#x} at {at}");
+                    assert_eq!(
+                        plain_run(&bytes[..18]),
+                        bytes[..18].iter().position(|&b| !plain(b)).unwrap_or(18)
+                    );
+                }
+            }
+        }
     }
 
     #[test]
