@@ -129,21 +129,28 @@ async fn read_connection(
     let mut skipping = false;
     let mut frame: u64 = 0;
     loop {
-        if reader.buffer().is_empty() {
+        let available = if !reader.buffer().is_empty() {
+            // Bytes already read: no waiting, so no wakers to register for
+            // shutdown and the reply side, only their flags to look at.
+            if conn.must_stop() {
+                break;
+            }
+            reader.buffer()
+        } else {
             // Every complete line read so far is handled: hand its events
             // over before waiting for the producer.
             conn.send_events(ctx);
-        }
-        let available = tokio::select! {
-            biased;
-            _ = conn.stopped() => break,
-            read = reader.fill_buf() => match read {
-                Ok(bytes) => bytes,
-                Err(error) => {
-                    tracing::warn!(connection = id, error = %error, "Reading from a producer failed; closing.");
-                    break;
-                }
-            },
+            tokio::select! {
+                biased;
+                _ = conn.stopped() => break,
+                read = reader.fill_buf() => match read {
+                    Ok(bytes) => bytes,
+                    Err(error) => {
+                        tracing::warn!(connection = id, error = %error, "Reading from a producer failed; closing.");
+                        break;
+                    }
+                },
+            }
         };
         if available.is_empty() {
             if !skipping && !line.is_empty() {
@@ -309,6 +316,11 @@ impl Conn {
             _ = self.shutdown.wait_for(|stop| *stop) => {}
             _ = gone.wait_for(|gone| *gone) => {}
         }
+    }
+
+    /// Whether reading must stop now (what [`Self::stopped`] waits for).
+    fn must_stop(&self) -> bool {
+        *self.shutdown.borrow() || *self.replies.gone.borrow()
     }
 
     /// `fut`, unless reading must stop first.
