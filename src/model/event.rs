@@ -2,7 +2,7 @@
 //! typed [`Frame`]s once, here, with a reason for every refusal (SPEC 2).
 
 use super::canonical::{CanonicalError, NumberForm};
-use super::payload::{Payload, PayloadError, read_frame};
+use super::payload::{Payload, PayloadError, plain_run, read_frame};
 use super::snapshot::{EntityType, IdError, check_id};
 use chrono::{DateTime, NaiveDateTime, Timelike, Utc};
 use serde::Deserialize;
@@ -380,6 +380,13 @@ fn required<'a>(name: &'static str, raw: Option<&'a str>) -> Result<&'a str, Dec
 
 /// A string field, borrowed from the line unless it has escapes.
 fn string_field<'a>(name: &'static str, raw: &'a str) -> Result<Cow<'a, str>, DecodeError> {
+    // Nearly always a string with nothing to unescape: its contents as
+    // they are, without a parser's setup.
+    if let Some(inner) = raw.strip_prefix('"').and_then(|rest| rest.strip_suffix('"'))
+        && plain_run(inner.as_bytes()) == inner.len()
+    {
+        return Ok(Cow::Borrowed(inner));
+    }
     let value = match serde_json::from_str::<&str>(raw) {
         Ok(plain) => Cow::Borrowed(plain),
         Err(_) => Cow::Owned(serde_json::from_str::<String>(raw).map_err(|_| {

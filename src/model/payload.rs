@@ -591,7 +591,7 @@ fn push_string(out: &mut String, s: &str, borrowed: bool) {
 /// backslash or control character (all of `bytes` if none does). Eight
 /// bytes at a time: most strings are ids and short words, too short for a
 /// vector search to pay for its setup.
-fn plain_run(bytes: &[u8]) -> usize {
+pub(crate) fn plain_run(bytes: &[u8]) -> usize {
     const ONES: u64 = u64::from_ne_bytes([1; 8]);
     const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
     // The high bit of each byte of `word` below `n` (exact for the first
