@@ -5,6 +5,7 @@ use crate::reducer::State;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
+use std::cell::RefCell;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -190,6 +191,9 @@ pub struct Fence {
     pub epoch: i64,
 }
 
+/// The largest canonical-text buffer a thread keeps between snapshots.
+const KEPT_CANONICAL_BYTES: usize = 1 << 20;
+
 impl PreparedSnapshot {
     /// From a state whose numbers are already in the store's form (a
     /// reducer's output over decoded events).
@@ -200,15 +204,22 @@ impl PreparedSnapshot {
         sequence: i64,
         state: &State,
     ) -> Result<Self, CanonicalError> {
-        let (canonical, state_text) = state.texts()?;
-        Ok(Self::from_texts(
-            key,
-            workflow_id,
-            version,
-            sequence,
-            &canonical,
-            state_text,
-        ))
+        thread_local! {
+            /// Each thread's buffer for canonical texts, which are only
+            /// hashed: one allocation reused, not one the size of a state
+            /// made and freed for every snapshot.
+            static CANONICAL: RefCell<String> = const { RefCell::new(String::new()) };
+        }
+        CANONICAL.with_borrow_mut(|canonical| {
+            let state_text = state.write_texts(canonical)?;
+            let snapshot =
+                Self::from_texts(key, workflow_id, version, sequence, canonical, state_text);
+            // Not kept for good after an unusually large state.
+            if canonical.capacity() > KEPT_CANONICAL_BYTES {
+                *canonical = String::new();
+            }
+            Ok(snapshot)
+        })
     }
 
     fn from_texts(

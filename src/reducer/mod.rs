@@ -45,18 +45,30 @@ impl State {
 
     /// The canonical text the hash is taken over, and the stored text.
     pub fn texts(&self) -> Result<(String, String), CanonicalError> {
+        let mut canonical = String::new();
+        let stored = self.write_texts(&mut canonical)?;
+        Ok((canonical, stored))
+    }
+
+    /// Write the canonical text into `canonical` (cleared first: a buffer
+    /// kept from one snapshot to the next) and give the stored text, which
+    /// is kept until it is committed, allocated at about its length.
+    pub fn write_texts(&self, canonical: &mut String) -> Result<String, CanonicalError> {
+        canonical.clear();
         match self {
             State::Workflow(state) => {
-                let mut stored = String::with_capacity(1024);
+                state.write_canonical(canonical)?;
+                // The same values without the spaces after separators:
+                // no longer, unless non-ASCII text (escaped in the
+                // canonical text) makes it so.
+                let mut stored = String::with_capacity(canonical.len());
                 state.write_stored(&mut stored);
-                let mut canonical = String::with_capacity(stored.len() + stored.len() / 4);
-                state.write_canonical(&mut canonical)?;
-                Ok((canonical, stored))
+                Ok(stored)
             }
-            State::Tree(map) => Ok((
-                canonical_object(map)?,
-                serde_json::to_string(map).expect("a JSON map serialises"),
-            )),
+            State::Tree(map) => {
+                canonical.push_str(&canonical_object(map)?);
+                Ok(serde_json::to_string(map).expect("a JSON map serialises"))
+            }
         }
     }
 }
