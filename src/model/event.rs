@@ -382,7 +382,9 @@ fn required<'a>(name: &'static str, raw: Option<&'a str>) -> Result<&'a str, Dec
 fn string_field<'a>(name: &'static str, raw: &'a str) -> Result<Cow<'a, str>, DecodeError> {
     // Nearly always a string with nothing to unescape: its contents as
     // they are, without a parser's setup.
-    if let Some(inner) = raw.strip_prefix('"').and_then(|rest| rest.strip_suffix('"'))
+    if let Some(inner) = raw
+        .strip_prefix('"')
+        .and_then(|rest| rest.strip_suffix('"'))
         && plain_run(inner.as_bytes()) == inner.len()
     {
         return Ok(Cow::Borrowed(inner));
