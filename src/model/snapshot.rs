@@ -211,14 +211,15 @@ impl PreparedSnapshot {
             static CANONICAL: RefCell<String> = const { RefCell::new(String::new()) };
         }
         CANONICAL.with_borrow_mut(|canonical| {
-            let state_text = state.write_texts(canonical)?;
-            let snapshot =
-                Self::from_texts(key, workflow_id, version, sequence, canonical, state_text);
-            // Not kept for good after an unusually large state.
+            let snapshot = state.write_texts(canonical).map(|state_text| {
+                Self::from_texts(key, workflow_id, version, sequence, canonical, state_text)
+            });
+            // Not kept for good after an unusually large state, whether it
+            // could be stored or not.
             if canonical.capacity() > KEPT_CANONICAL_BYTES {
                 *canonical = String::new();
             }
-            Ok(snapshot)
+            snapshot
         })
     }
 
