@@ -57,24 +57,43 @@ const START_TIME: usize = 9;
 const STATUS: usize = 10;
 const TYPE: usize = 11;
 
-/// A stage or task entry: the texts of the keys it has, back to back in
-/// one allocation, in key order.
+/// A stage or task entry: its id (its key in the workflow's map), then the
+/// texts of the keys it has, back to back in one allocation, in key order.
 ///
 /// An entry has about eight of its twelve keys, most of them short (an
 /// id, a status, a time). A slot array with a text allocation per key cost
 /// about 200 bytes more an entry than the texts themselves: a quarter of
 /// a workflow's state.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Child {
     texts: Box<str>,
     /// Where each key's text ends in `texts`; it starts where the one
-    /// before ends. A key the entry does not have takes no bytes.
+    /// before ends (the first where the id ends). A key the entry does
+    /// not have takes no bytes.
     ends: [u32; 12],
+    /// Where the id ends.
+    id_len: u32,
     /// The keys the entry has, a bit each.
     present: u16,
 }
 
 impl Child {
+    /// The entry of `id`, with no keys yet.
+    fn new(id: &str) -> Child {
+        let id_len = u32::try_from(id.len()).expect("an id fits in 4 GB");
+        Child {
+            texts: id.into(),
+            ends: [id_len; 12],
+            id_len,
+            present: 0,
+        }
+    }
+
+    /// The entry's key in the workflow's map.
+    fn id(&self) -> &str {
+        &self.texts[..self.id_len as usize]
+    }
+
     /// The text of the key in `slot`, if the entry has the key.
     fn get(&self, slot: usize) -> Option<&str> {
         (self.present & (1 << slot) != 0).then(|| &self.texts[self.start(slot)..self.end(slot)])
@@ -105,7 +124,8 @@ impl Child {
     }
 
     fn start(&self, slot: usize) -> usize {
-        slot.checked_sub(1).map_or(0, |before| self.end(before))
+        slot.checked_sub(1)
+            .map_or(self.id_len as usize, |before| self.end(before))
     }
 
     fn end(&self, slot: usize) -> usize {
@@ -113,49 +133,56 @@ impl Child {
     }
 }
 
-/// A workflow's stages or tasks by id, in code point order of their ids.
+/// A workflow's stages or tasks, in code point order of their ids.
 ///
 /// A sorted vector, not a `BTreeMap`: ids are ULIDs, which sort in the
 /// order they were made, so the entry an event is for is nearly always the
-/// last one or a new last one, found with one comparison. A tree would
-/// compare the id with a key in each node on its way down to its right
-/// edge, each key an allocation of its own and, with thousands of
-/// workflows in memory, rarely in the cache.
+/// last one or a new last one, found with one comparison (on the entry's
+/// own allocation, which the event then updates). A tree would compare
+/// the id with a key in each node on its way down to its right edge, each
+/// key an allocation of its own and, with thousands of workflows in
+/// memory, rarely in the cache.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Children(Vec<(Box<str>, Child)>);
+pub struct Children(Vec<Child>);
 
 impl Children {
-    /// The entry of `id`, made by `new` if there is none.
-    fn entry(&mut self, id: &str, new: impl FnOnce() -> Child) -> &mut Child {
+    /// The entry of `id`, made and given its first keys by `init` if
+    /// there is none.
+    fn entry(&mut self, id: &str, init: impl FnOnce(&mut Child)) -> &mut Child {
         let entries = &mut self.0;
-        let at = match entries.last().map(|(last, _)| (**last).cmp(id)) {
+        let new = || {
+            let mut child = Child::new(id);
+            init(&mut child);
+            child
+        };
+        let at = match entries.last().map(|last| last.id().cmp(id)) {
             Some(Ordering::Equal) => entries.len() - 1,
             None | Some(Ordering::Less) => {
-                entries.push((id.into(), new()));
+                entries.push(new());
                 entries.len() - 1
             }
-            Some(Ordering::Greater) => match entries.binary_search_by(|(k, _)| (**k).cmp(id)) {
+            Some(Ordering::Greater) => match entries.binary_search_by(|c| c.id().cmp(id)) {
                 Ok(at) => at,
                 Err(at) => {
-                    entries.insert(at, (id.into(), new()));
+                    entries.insert(at, new());
                     at
                 }
             },
         };
-        &mut entries[at].1
+        &mut entries[at]
     }
 
     /// Each id and entry, in id order.
     fn iter(&self) -> impl Iterator<Item = (&str, &Child)> {
-        self.0.iter().map(|(id, child)| (&**id, child))
+        self.0.iter().map(|child| (child.id(), child))
     }
 }
 
 /// From entries of distinct ids, in any order.
-impl FromIterator<(Box<str>, Child)> for Children {
-    fn from_iter<I: IntoIterator<Item = (Box<str>, Child)>>(entries: I) -> Children {
+impl FromIterator<Child> for Children {
+    fn from_iter<I: IntoIterator<Item = Child>>(entries: I) -> Children {
         let mut entries: Vec<_> = entries.into_iter().collect();
-        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        entries.sort_unstable_by(|a, b| a.id().cmp(b.id()));
         Children(entries)
     }
 }
@@ -330,12 +357,12 @@ impl WorkflowState {
                     let Value::Object(fields) = entry else {
                         return None;
                     };
-                    let mut child = Child::default();
+                    let mut child = Child::new(id);
                     for (k, v) in fields {
                         let slot = CHILD_KEYS.iter().position(|c| c == k)?;
                         child.set(slot, &value(v));
                     }
-                    Some((id.as_str().into(), child))
+                    Some(child)
                 })
                 .collect()
         };
@@ -474,8 +501,7 @@ impl WorkflowState {
 /// Stage and task events: the first event of any type creates the entry.
 fn apply_child(children: &mut Children, kind: &str, event: &Event, data: &mut impl Data) {
     let id = &*event.entity_id;
-    let child = children.entry(id, || {
-        let mut child = Child::default();
+    let child = children.entry(id, |child| {
         child.set(ID, &string(id));
         let fields: &[usize] = if kind == "stage" {
             &[REF_ID, TYPE, NAME]
@@ -485,7 +511,6 @@ fn apply_child(children: &mut Children, kind: &str, event: &Event, data: &mut im
         for &field in fields {
             child.set(field, &get_or(data, CHILD_KEYS[field], null));
         }
-        child
     });
     let Some(action) = action(&event.event_type, kind) else {
         return;
