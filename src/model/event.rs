@@ -106,82 +106,52 @@ pub struct Limits {
     pub numbers: NumberForm,
 }
 
-/// The envelope, borrowed from the line; each field parsed on its own so a
-/// wrong one is named.
-#[derive(Deserialize)]
-struct Envelope<'a> {
-    #[serde(borrow)]
-    op: Option<&'a RawValue>,
-    #[serde(borrow)]
-    event_type: Option<&'a RawValue>,
-    #[serde(borrow)]
-    timestamp: Option<&'a RawValue>,
-    #[serde(borrow)]
-    sequence: Option<&'a RawValue>,
-    #[serde(borrow)]
-    entity_type: Option<&'a RawValue>,
-    #[serde(borrow)]
-    entity_id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    workflow_id: Option<&'a RawValue>,
-    /// Borrowed, then read once into stored texts ([`Payload`]): no tree.
-    #[serde(borrow)]
-    data: Option<&'a RawValue>,
-    #[serde(borrow)]
-    schema_version: Option<&'a RawValue>,
-    #[serde(borrow)]
-    metadata: Option<&'a RawValue>,
-    #[serde(borrow)]
-    version: Option<&'a RawValue>,
-    /// `flush` only: snapshot every entity touched before answering.
-    #[serde(borrow)]
-    snapshot: Option<&'a RawValue>,
-    #[serde(borrow)]
-    event_id: Option<&'a RawValue>,
-    // Other keys are carried, not interpreted: ignored here.
-}
-
 /// The envelope's fields as their JSON text in the line (`None` when
-/// absent or `null`), however they were found.
-#[derive(Default)]
+/// absent or `null`), however they were found: read by serde from the
+/// line ([`decode_reference`]), which refuses a known key given twice, or
+/// by the one pass ([`decode_in_one_pass`]). Each is parsed on its own
+/// afterwards, so a wrong one is named. Other keys are carried, not
+/// interpreted: ignored here.
+#[derive(Default, Deserialize)]
 struct Fields<'a> {
+    #[serde(borrow, default, deserialize_with = "json_text")]
     op: Option<&'a str>,
+    #[serde(borrow, default, deserialize_with = "json_text")]
     event_type: Option<&'a str>,
+    #[serde(borrow, default, deserialize_with = "json_text")]
     timestamp: Option<&'a str>,
+    #[serde(borrow, default, deserialize_with = "json_text")]
     sequence: Option<&'a str>,
+    #[serde(borrow, default, deserialize_with = "json_text")]
     entity_type: Option<&'a str>,
+    #[serde(borrow, default, deserialize_with = "json_text")]
     entity_id: Option<&'a str>,
+    #[serde(borrow, default, deserialize_with = "json_text")]
     workflow_id: Option<&'a str>,
+    /// Borrowed, then read once into stored texts ([`Payload`]): no tree.
+    #[serde(borrow, default, deserialize_with = "json_text")]
     data: Option<&'a str>,
+    #[serde(borrow, default, deserialize_with = "json_text")]
     schema_version: Option<&'a str>,
+    #[serde(borrow, default, deserialize_with = "json_text")]
     metadata: Option<&'a str>,
+    #[serde(borrow, default, deserialize_with = "json_text")]
     version: Option<&'a str>,
+    /// `flush` only: snapshot every entity touched before answering.
+    #[serde(borrow, default, deserialize_with = "json_text")]
     snapshot: Option<&'a str>,
+    #[serde(borrow, default, deserialize_with = "json_text")]
     event_id: Option<&'a str>,
     /// `data` already read, when the one pass read the frame.
+    #[serde(skip)]
     payload: Option<Payload>,
 }
 
-impl<'a> Envelope<'a> {
-    fn fields(&self) -> Fields<'a> {
-        let text = |raw: Option<&'a RawValue>| raw.map(RawValue::get);
-        Fields {
-            op: text(self.op),
-            event_type: text(self.event_type),
-            timestamp: text(self.timestamp),
-            sequence: text(self.sequence),
-            entity_type: text(self.entity_type),
-            entity_id: text(self.entity_id),
-            workflow_id: text(self.workflow_id),
-            data: text(self.data),
-            schema_version: text(self.schema_version),
-            metadata: text(self.metadata),
-            version: text(self.version),
-            snapshot: text(self.snapshot),
-            event_id: text(self.event_id),
-            payload: None,
-        }
-    }
+/// A field's JSON text as it is in the line; `None` for `null`.
+fn json_text<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<&'de str>, D::Error> {
+    Option::<&'de RawValue>::deserialize(deserializer).map(|raw| raw.map(RawValue::get))
 }
 
 /// Decode one line (without its newline).
@@ -211,9 +181,8 @@ pub fn decode_reference(line: &[u8], limits: Limits) -> Result<Frame, DecodeErro
             Err(e) => Err(DecodeError::Malformed(e.to_string())),
         };
     }
-    let env: Envelope =
+    let env: Fields =
         serde_json::from_str(text).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    let env = env.fields();
     if let Some(op) = env.op {
         return decode_command(op, &env).map(Frame::Command);
     }
@@ -226,7 +195,8 @@ pub fn decode_reference(line: &[u8], limits: Limits) -> Result<Frame, DecodeErro
 fn decode_in_one_pass(text: &str, limits: Limits) -> Option<Event> {
     let frame = read_frame(text, limits.numbers, limits.max_depth)?;
     let mut env = Fields::default();
-    // serde's `Envelope` refuses a known key given twice, even as `null`.
+    // serde's reading of `Fields` refuses a known key given twice, even
+    // as `null`.
     let mut seen = 0u16;
     for (key, raw) in &frame.members {
         let (bit, slot) = match &**key {
