@@ -260,6 +260,8 @@ impl App {
             max_connections: settings.socket.max_connections,
             reply_buffer_bytes: settings.socket.reply_buffer_bytes,
             reply_timeout: settings.socket.reply_timeout(),
+            reorder_window: settings.socket.reorder_window,
+            reorder_wait: settings.socket.reorder_wait(),
             ownership,
         };
         let metrics_address = if settings.metrics.address.is_empty() {

@@ -40,6 +40,8 @@ pub struct SocketSettings {
     pub max_inflight_events: usize,
     pub reply_buffer_bytes: usize,
     pub reply_timeout_secs: u64,
+    pub reorder_window: usize,
+    pub reorder_wait_ms: u64,
 }
 
 impl SocketSettings {
@@ -49,6 +51,9 @@ impl SocketSettings {
     }
     pub fn reply_timeout(&self) -> Duration {
         Duration::from_secs(self.reply_timeout_secs)
+    }
+    pub fn reorder_wait(&self) -> Duration {
+        Duration::from_millis(self.reorder_wait_ms)
     }
 }
 
@@ -261,6 +266,8 @@ impl Settings {
             max_inflight_events: c.positive("socket.max_inflight_events"),
             reply_buffer_bytes: c.positive("socket.reply_buffer_bytes"),
             reply_timeout_secs: c.positive("socket.reply_timeout_secs"),
+            reorder_window: c.get("socket.reorder_window"),
+            reorder_wait_ms: c.positive("socket.reorder_wait_ms"),
         };
         if socket.path.as_os_str().is_empty() {
             c.problem("socket.path", "must not be empty".into());

@@ -21,6 +21,7 @@ pub mod names {
     pub const EVENTS_INVALID: &str = "events_invalid";
     pub const EVENTS_DUPLICATE: &str = "events_duplicate";
     pub const EVENTS_LATE: &str = "events_late";
+    pub const EVENTS_REORDERED: &str = "events_reordered";
     pub const SNAPSHOTS_WRITTEN: &str = "snapshots_written";
     pub const SNAPSHOTS_REJECTED: &str = "snapshots_rejected";
     pub const SNAPSHOTS_TOO_LARGE: &str = "snapshots_too_large";
@@ -81,6 +82,7 @@ pub struct Stats {
     pub events_invalid: Family<KindLabel, Counter>,
     pub events_duplicate: Counter,
     pub events_late: Counter,
+    pub events_reordered: Counter,
     pub snapshots_written: Counter,
     pub snapshots_rejected: Counter,
     pub snapshots_too_large: Counter,
@@ -167,6 +169,7 @@ impl Default for Stats {
             events_invalid: Family::default(),
             events_duplicate: Counter::default(),
             events_late: Counter::default(),
+            events_reordered: Counter::default(),
             snapshots_written: Counter::default(),
             snapshots_rejected: Counter::default(),
             snapshots_too_large: Counter::default(),
@@ -221,7 +224,7 @@ impl Stats {
         let mut stats = Stats::default();
         let r = &mut stats.registry;
         use names::*;
-        let counters: [(&str, &str, &Counter); 23] = [
+        let counters: [(&str, &str, &Counter); 24] = [
             (
                 EVENTS_NOT_OWNED,
                 "Socket events of partitions another node owns (not folded here; the owner reads the events table).",
@@ -286,6 +289,12 @@ impl Stats {
                 EVENTS_LATE,
                 "Events below a sequence already folded (settled or folded late).",
                 &stats.events_late,
+            ),
+            (
+                EVENTS_REORDERED,
+                "Events that came after a higher sequence on their connection \
+                 (put back in order there when within socket.reorder_window).",
+                &stats.events_reordered,
             ),
             (
                 SNAPSHOTS_WRITTEN,
@@ -527,6 +536,7 @@ impl Stats {
         // (json! stops at its recursion limit beyond this many keys.)
         let more = [
             (names::WRITER_PENDING_LIMIT, self.writer_pending_limit.get()),
+            (names::EVENTS_REORDERED, self.events_reordered.get() as i64),
             (names::VERIFY_CHECKED, self.verify_checked.get() as i64),
             (names::VERIFY_MISMATCH, self.verify_mismatch.get() as i64),
             (

@@ -8,7 +8,10 @@
 //! answers commands. Events go to the router in batches: those read from
 //! one fill of the read buffer, sent before the reader waits for more
 //! bytes, for a permit or on a command, so batching adds no delay and
-//! keeps every event ahead of the commands that follow it.
+//! keeps every event ahead of the commands that follow it. Before that, a
+//! connection's last `socket.reorder_window` events are held and handed on
+//! lowest sequence first ([`Reorder`]), until the connection goes quiet for
+//! `socket.reorder_wait_ms` or a command comes (which sees all of them).
 //!
 //! Replies are never dropped; what bounds them is a per-connection budget
 //! of queued reply bytes (`socket.reply_buffer_bytes`). Queuing a reply
@@ -20,6 +23,7 @@
 use super::messages::{RouterMsg, SnapshotOutcome, WriterMsg};
 use crate::feed::table::FeedHandle;
 use crate::model::event::{Command, DecodeError, Event, Frame, Limits, decode};
+use crate::model::reorder::Reorder;
 use crate::model::{EntityKey, Snapshot};
 use crate::stats::Stats;
 use crate::store::Store;
@@ -60,6 +64,10 @@ pub struct IngestContext {
     pub reply_buffer_bytes: usize,
     /// A peer that reads none of its replies this long is disconnected.
     pub reply_timeout: Duration,
+    /// Events of a connection held back to be put in sequence order.
+    pub reorder_window: usize,
+    /// Held events go on once the connection is quiet this long.
+    pub reorder_wait: Duration,
     /// In a cluster, for `stats`: this node and what it owns.
     pub ownership: Option<Arc<crate::cluster::ownership::Ownership>>,
 }
@@ -123,6 +131,7 @@ async fn read_connection(
         commands: Arc::new(Semaphore::new(MAX_PENDING_COMMANDS)),
         shutdown: shutdown.clone(),
         batch: Vec::new(),
+        reorder: Reorder::new(ctx.reorder_window),
     };
     let mut reader = BufReader::with_capacity(256 * 1024, read_half);
     let mut line: Vec<u8> = Vec::new();
@@ -138,18 +147,26 @@ async fn read_connection(
             reader.buffer()
         } else {
             // Every complete line read so far is handled: hand its events
-            // over before waiting for the producer.
+            // over before waiting for the producer, and the held ones too
+            // once it has been quiet for a while.
             conn.send_events(ctx);
-            tokio::select! {
+            let quiet = (!conn.reorder.is_empty()).then_some(ctx.reorder_wait);
+            let read = tokio::select! {
                 biased;
                 _ = conn.stopped() => break,
-                read = reader.fill_buf() => match read {
-                    Ok(bytes) => bytes,
-                    Err(error) => {
-                        tracing::warn!(connection = id, error = %error, "Reading from a producer failed; closing.");
-                        break;
-                    }
-                },
+                _ = sleep_or_never(quiet) => None,
+                read = reader.fill_buf() => Some(read),
+            };
+            match read {
+                None => {
+                    conn.send_all(ctx);
+                    continue;
+                }
+                Some(Ok(bytes)) => bytes,
+                Some(Err(error)) => {
+                    tracing::warn!(connection = id, error = %error, "Reading from a producer failed; closing.");
+                    break;
+                }
             }
         };
         if available.is_empty() {
@@ -196,7 +213,7 @@ async fn read_connection(
             }
         }
     }
-    conn.send_events(ctx);
+    conn.send_all(ctx);
     let _ = ctx.router.cast(RouterMsg::Closed { connection: id });
     drop(conn);
     // Replies still owed (a flush in progress) are delivered: the reply
@@ -289,7 +306,20 @@ struct Conn {
     commands: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
     /// Events read and not yet sent to the router, in order.
-    batch: Vec<(Box<Event>, OwnedSemaphorePermit)>,
+    batch: Vec<Held>,
+    /// Events read and held back to be put in sequence order.
+    reorder: Reorder<Held>,
+}
+
+/// An event read, with its in-flight permit.
+type Held = (Box<Event>, OwnedSemaphorePermit);
+
+/// Sleeps `wait`, or forever without one.
+async fn sleep_or_never(wait: Option<Duration>) {
+    match wait {
+        Some(wait) => tokio::time::sleep(wait).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Why the reader stops: shutdown, or the peer is gone.
@@ -305,6 +335,28 @@ impl Conn {
                 connection: self.id,
                 events,
             });
+        }
+    }
+
+    /// Send every event read, the held ones included (in sequence order).
+    fn send_all(&mut self, ctx: &IngestContext) {
+        let batch = &mut self.batch;
+        self.reorder.drain(|held| batch.push(held));
+        self.send_events(ctx);
+    }
+
+    /// Take in an event read: held back, and maybe one handed on.
+    fn push_event(&mut self, ctx: &IngestContext, held: Held) {
+        let sequence = held.0.sequence;
+        let (released, out_of_order) = self.reorder.push(sequence, held);
+        if out_of_order {
+            ctx.stats.events_reordered.inc();
+        }
+        if let Some(released) = released {
+            self.batch.push(released);
+            if self.batch.len() >= MAX_BATCH {
+                self.send_events(ctx);
+            }
         }
     }
 
@@ -370,16 +422,13 @@ async fn handle_frame(
             let permit = match ctx.inflight.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {
-                    conn.send_events(ctx);
+                    conn.send_all(ctx);
                     conn.or_stop(ctx.inflight.clone().acquire_owned())
                         .await?
                         .map_err(|_| Stop)?
                 }
             };
-            conn.batch.push((Box::new(event), permit));
-            if conn.batch.len() >= MAX_BATCH {
-                conn.send_events(ctx);
-            }
+            conn.push_event(ctx, (Box::new(event), permit));
             Ok(())
         }
         Ok(Frame::Command(command)) => command_reply(frame, command, ctx, conn).await,
@@ -394,7 +443,7 @@ async fn refuse(
     conn: &mut Conn,
 ) -> Result<(), Stop> {
     // The events before it go first: the reply may wait for room.
-    conn.send_events(ctx);
+    conn.send_all(ctx);
     let reason = error.to_string();
     ctx.stats
         .invalid_frame(conn.id, frame, error.kind(), &reason);
@@ -426,7 +475,7 @@ async fn command_reply(
 ) -> Result<(), Stop> {
     // The events before it go first: a command sees them, and its reply
     // may wait for room.
-    conn.send_events(ctx);
+    conn.send_all(ctx);
     let command = match command {
         Command::Ping => return conn.reply(ok_line("ping", frame, json!({}))).await,
         Command::Stats => {

@@ -5,6 +5,7 @@ pub mod canonical;
 pub mod event;
 pub mod ledger;
 pub mod payload;
+pub mod reorder;
 mod snapshot;
 
 pub use snapshot::{

@@ -263,6 +263,84 @@ fn an_idle_entity_is_passivated_after_its_snapshot_and_comes_back_hydrated() {
     assert_eq!(stats["events_late"], 0, "{stats}");
 }
 
+/// Workflow `w`: created at 1, then `context.updated` with `k` = its sequence.
+fn counted(sequences: &[i64]) -> Vec<Vec<u8>> {
+    sequences
+        .iter()
+        .map(|&seq| match seq {
+            1 => event(1, "w", "workflow.created", json!({"application": "a"})),
+            _ => event(seq, "w", "context.updated", json!({"context": {"k": seq}})),
+        })
+        .collect()
+}
+
+/// Stream `order` and a flush on one connection; the stats, and the state
+/// a forced snapshot takes.
+fn shuffled_run(order: &[i64], socket_toml: &str) -> (Value, Value) {
+    let backend = Backend::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        &format!("[policy]\nevent_interval = 1000\n[socket]\n{socket_toml}"),
+    );
+    let mut lines = counted(order);
+    lines.push(json!({"op": "flush"}).to_string().into_bytes());
+    let replies = daemon.converse(&lines);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0]["ok"], true, "{replies:?}");
+    let taken =
+        daemon.command(json!({"op": "snapshot", "entity_type": "workflow", "entity_id": "w"}));
+    assert_eq!(taken["version"], order.len(), "{taken}");
+    let stats = daemon.command(json!({"op": "stats"}))["stats"].clone();
+    (stats, get(&daemon, "w")["snapshot"]["state"].clone())
+}
+
+#[test]
+fn events_a_little_late_on_a_connection_are_put_back_in_order_before_folding() {
+    let order = [1, 3, 2, 5, 4, 6, 9, 7, 8];
+    // Held until the flush (the connection is never quiet long enough).
+    let (stats, state) = shuffled_run(&order, "reorder_window = 4\nreorder_wait_ms = 60000\n");
+    assert_eq!(stats["events_reordered"], 4, "{stats}");
+    assert_eq!(stats["events_late"], 0, "{stats}");
+    assert_eq!(stats["refolds_in_memory"], 0, "{stats}");
+    assert_eq!(state["context"], json!({"k": 9}));
+    // Without the window the four are late; with no events table to settle
+    // them against, a socket-only daemon folds them as they came, so the
+    // last context written is 8's.
+    let (stats, unordered) = shuffled_run(&order, "reorder_window = 0\n");
+    assert_eq!(stats["events_reordered"], 4, "{stats}");
+    assert_eq!(stats["events_late"], 4, "{stats}");
+    assert_eq!(unordered["context"], json!({"k": 8}));
+}
+
+#[test]
+fn held_events_are_folded_once_their_connection_goes_quiet() {
+    use std::io::Write;
+    let backend = Backend::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        "[policy]\nevent_interval = 1000\n[socket]\nreorder_window = 64\nreorder_wait_ms = 20\n",
+    );
+    // The connection stays open and sends nothing more: no command, no end.
+    let mut stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    for line in counted(&[1, 3, 2]) {
+        stream.write_all(&line).unwrap();
+        stream.write_all(b"\n").unwrap();
+    }
+    let taken = eventually(20, "the held events to be folded", || {
+        let reply =
+            daemon.command(json!({"op": "snapshot", "entity_type": "workflow", "entity_id": "w"}));
+        (reply["ok"] == true && reply["version"] == 3).then_some(reply)
+    });
+    assert_eq!(taken["sequence"], 3, "{taken}");
+    let stats = daemon.command(json!({"op": "stats"}))["stats"].clone();
+    assert_eq!(stats["events_late"], 0, "{stats}");
+    drop(stream);
+}
+
 #[tokio::test]
 async fn a_store_outage_loses_nothing_and_writing_resumes() {
     let backend = Backend::postgres().await;

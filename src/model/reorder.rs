@@ -1,0 +1,180 @@
+//! Putting a connection's events back in sequence order before they are
+//! folded, within a small window.
+//!
+//! Sequences are assigned at insert, not at commit, so a producer's stream
+//! is nearly in order with a few events a little late. An event folded
+//! after a later one of its entity costs a re-fold of the entity's window
+//! (in memory or from the events table). Holding the last few events of a
+//! connection and handing them on smallest sequence first turns most of
+//! that disorder back into order for free. Anything later than the window
+//! still arrives late, and the ledger handles it exactly as before: the
+//! window only saves work, it never decides what is folded.
+//!
+//! Pure: the reader decides when to [`Reorder::drain`] (a command, a quiet
+//! connection, backpressure, the end).
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+/// Events held back, handed on smallest sequence first once more than
+/// `window` are held. Events with equal sequences (duplicates) keep their
+/// arrival order.
+#[derive(Debug)]
+pub struct Reorder<T> {
+    held: BinaryHeap<Held<T>>,
+    window: usize,
+    arrivals: u64,
+    /// Highest sequence seen on this connection.
+    highest: i64,
+}
+
+#[derive(Debug)]
+struct Held<T> {
+    sequence: i64,
+    arrival: u64,
+    item: T,
+}
+
+impl<T> Held<T> {
+    fn key(&self) -> (i64, u64) {
+        (self.sequence, self.arrival)
+    }
+}
+
+// Reversed: `BinaryHeap` pops its greatest, and the smallest key goes first.
+impl<T> Ord for Held<T> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other.key().cmp(&self.key())
+    }
+}
+
+impl<T> PartialOrd for Held<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<T> PartialEq for Held<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl<T> Eq for Held<T> {}
+
+impl<T> Reorder<T> {
+    /// Hold at most `window` events; 0 hands every event on at once.
+    pub fn new(window: usize) -> Self {
+        Reorder {
+            held: BinaryHeap::with_capacity(window + 1),
+            window,
+            arrivals: 0,
+            highest: i64::MIN,
+        }
+    }
+
+    /// Take in an event; returns the one handed on, if the window is full.
+    /// `out_of_order` tells whether this event came after a higher sequence
+    /// on the same connection (it is put back in order if still possible).
+    pub fn push(&mut self, sequence: i64, item: T) -> (Option<T>, bool) {
+        let out_of_order = sequence < self.highest;
+        self.highest = self.highest.max(sequence);
+        if self.window == 0 {
+            return (Some(item), out_of_order);
+        }
+        self.arrivals += 1;
+        self.held.push(Held {
+            sequence,
+            arrival: self.arrivals,
+            item,
+        });
+        let released = if self.held.len() > self.window {
+            self.held.pop().map(|held| held.item)
+        } else {
+            None
+        };
+        (released, out_of_order)
+    }
+
+    /// Hand on everything held, smallest sequence first.
+    pub fn drain(&mut self, mut out: impl FnMut(T)) {
+        while let Some(held) = self.held.pop() {
+            out(held.item);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Push every sequence, then drain; what comes out, in order.
+    fn run(window: usize, sequences: &[i64]) -> (Vec<i64>, usize) {
+        let mut reorder = Reorder::new(window);
+        let mut out = Vec::new();
+        let mut late = 0;
+        for &s in sequences {
+            let (released, out_of_order) = reorder.push(s, s);
+            out.extend(released);
+            late += usize::from(out_of_order);
+        }
+        reorder.drain(|s| out.push(s));
+        (out, late)
+    }
+
+    #[test]
+    fn events_shuffled_within_the_window_come_out_in_order() {
+        let shuffled = [3, 1, 2, 6, 4, 5, 9, 8, 7, 10];
+        let (out, late) = run(4, &shuffled);
+        assert_eq!(out, (1..=10).collect::<Vec<_>>());
+        assert_eq!(late, 6, "1, 2, 4, 5, 8 and 7 each came after a higher one");
+    }
+
+    #[test]
+    fn an_event_later_than_the_window_stays_late_and_nothing_is_lost() {
+        let sequences = [2, 3, 4, 5, 6, 1];
+        let (out, late) = run(2, &sequences);
+        assert_eq!(out, vec![2, 3, 4, 1, 5, 6]);
+        assert_eq!(late, 1);
+    }
+
+    #[test]
+    fn a_full_window_hands_on_its_smallest_and_holds_the_rest() {
+        let mut reorder = Reorder::new(3);
+        assert_eq!(reorder.push(5, 'a').0, None);
+        assert_eq!(reorder.push(3, 'b').0, None);
+        assert_eq!(reorder.push(4, 'c').0, None);
+        assert_eq!(reorder.len(), 3);
+        assert_eq!(reorder.push(9, 'd').0, Some('b'));
+        assert_eq!(reorder.push(1, 'e').0, Some('e'));
+        assert_eq!(reorder.len(), 3);
+    }
+
+    #[test]
+    fn duplicates_keep_their_arrival_order() {
+        let mut reorder = Reorder::new(8);
+        for (s, tag) in [(2, 'x'), (1, 'a'), (2, 'y'), (1, 'b')] {
+            assert_eq!(reorder.push(s, tag).0, None);
+        }
+        let mut out = Vec::new();
+        reorder.drain(|t| out.push(t));
+        assert_eq!(out, vec!['a', 'b', 'x', 'y']);
+        assert!(reorder.is_empty());
+    }
+
+    #[test]
+    fn a_window_of_zero_holds_nothing() {
+        let mut reorder = Reorder::new(0);
+        assert_eq!(reorder.push(7, 'a'), (Some('a'), false));
+        assert_eq!(reorder.push(6, 'b'), (Some('b'), true));
+        assert!(reorder.is_empty());
+    }
+}
