@@ -417,15 +417,25 @@ async fn handle_frame(
         Ok(Frame::Event(event)) => {
             ctx.stats.events_received.inc();
             // Waits while too many events are in flight: backpressure. The
-            // events held here go first: their permits are among those
-            // waited for.
+            // events read go first: their permits are among those waited
+            // for. Held ones stay held while permits come back from others
+            // (handing them on early would undo their order), but not for
+            // long: they may be what everyone waits for.
             let permit = match ctx.inflight.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {
-                    conn.send_all(ctx);
-                    conn.or_stop(ctx.inflight.clone().acquire_owned())
-                        .await?
-                        .map_err(|_| Stop)?
+                    conn.send_events(ctx);
+                    let acquire = ctx.inflight.clone().acquire_owned();
+                    let soon = tokio::time::timeout(ctx.reorder_wait, acquire);
+                    match conn.or_stop(soon).await? {
+                        Ok(permit) => permit.map_err(|_| Stop)?,
+                        Err(_) => {
+                            conn.send_all(ctx);
+                            conn.or_stop(ctx.inflight.clone().acquire_owned())
+                                .await?
+                                .map_err(|_| Stop)?
+                        }
+                    }
                 }
             };
             conn.push_event(ctx, (Box::new(event), permit));
