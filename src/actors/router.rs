@@ -14,8 +14,9 @@ use crate::cluster::ownership::Ownership;
 use crate::model::{EntityKey, Fence};
 use crate::stats::Stats;
 use crate::store::Store;
+use foldhash::{HashMap, HashMapExt, HashSet};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
@@ -38,10 +39,13 @@ pub struct RouterArgs {
 pub struct Router;
 
 enum Entry {
-    /// `used` orders it in [`RouterState::recency`].
+    /// `listed` is its key in [`RouterState::recency`]; `used` when it was
+    /// last sent something, moved there only when it comes up for
+    /// passivation (so a message costs no reordering).
     Running {
         actor: ActorRef<PolicyMsg>,
         used: u64,
+        listed: u64,
         /// In a cluster: the lease it was started under.
         fence: Option<Fence>,
     },
@@ -57,8 +61,9 @@ pub struct RouterState {
     args: RouterArgs,
     entities: HashMap<EntityKey, Entry>,
     keys_by_actor: HashMap<ActorId, EntityKey>,
-    /// Running entities by when they were last sent something, oldest
-    /// first: the next to passivate when `max_active` are running.
+    /// Running entities by when they were last sent something as of their
+    /// last look here, oldest first: the next to passivate when
+    /// `max_active` are running is the first whose `used` is still that.
     recency: BTreeMap<u64, EntityKey>,
     next_use: u64,
     /// Entities each connection sent events to since its last flush.
@@ -272,20 +277,22 @@ impl RouterState {
     /// Send `msg` to the entity's actor, spawning it when there is none.
     async fn deliver(&mut self, myself: &ActorRef<RouterMsg>, key: EntityKey, msg: PolicyMsg) {
         let msg = match self.entities.get_mut(&key) {
-            Some(Entry::Running { actor, used, .. }) => match actor.cast(msg) {
+            Some(Entry::Running {
+                actor,
+                used,
+                listed,
+                ..
+            }) => match actor.cast(msg) {
                 Ok(()) => {
                     // Most recently used now.
                     self.next_use += 1;
-                    if let Some(key) = self.recency.remove(used) {
-                        self.recency.insert(self.next_use, key);
-                    }
                     *used = self.next_use;
                     return;
                 }
                 // Stopped but not yet reported: wait for its termination.
                 Err(ractor::MessagingErr::SendErr(msg)) => {
                     let id = actor.get_id();
-                    self.recency.remove(used);
+                    self.recency.remove(listed);
                     self.entities.insert(
                         key,
                         Entry::Stopping {
@@ -353,9 +360,17 @@ impl RouterState {
         };
         // Make room: the least recently used passivates, snapshotting first.
         while self.recency.len() >= self.args.max_active.max(1) {
-            let Some((_, oldest)) = self.recency.pop_first() else {
+            let Some((stamp, oldest)) = self.recency.pop_first() else {
                 break;
             };
+            if let Some(Entry::Running { used, listed, .. }) = self.entities.get_mut(&oldest)
+                && *used != stamp
+            {
+                // Used since it was listed: listed again as of then.
+                *listed = *used;
+                self.recency.insert(*used, oldest);
+                continue;
+            }
             self.args.stats.passivations_for_room.inc();
             self.passivate(oldest, true);
         }
@@ -381,6 +396,7 @@ impl RouterState {
                     Entry::Running {
                         actor: actor.clone(),
                         used: self.next_use,
+                        listed: self.next_use,
                         fence,
                     },
                 );
@@ -397,11 +413,11 @@ impl RouterState {
     /// `snapshot`); messages for it wait until it has, then go to a new one.
     fn passivate(&mut self, key: EntityKey, snapshot: bool) {
         if let Some(entry) = self.entities.get_mut(&key)
-            && let Entry::Running { actor, used, .. } = entry
+            && let Entry::Running { actor, listed, .. } = entry
         {
             let id = actor.get_id();
             let _ = actor.cast(PolicyMsg::Stop { snapshot });
-            self.recency.remove(used);
+            self.recency.remove(listed);
             *entry = Entry::Stopping {
                 id,
                 stash: Vec::new(),
@@ -438,8 +454,8 @@ impl RouterState {
     /// An actor is gone: answer its barriers, hand its stash to a new one.
     async fn ended(&mut self, myself: &ActorRef<RouterMsg>, key: EntityKey, id: ActorId) {
         let entry = match self.entities.get(&key) {
-            Some(Entry::Running { actor, used, .. }) if actor.get_id() == id => {
-                self.recency.remove(used);
+            Some(Entry::Running { actor, listed, .. }) if actor.get_id() == id => {
+                self.recency.remove(listed);
                 self.entities.remove(&key)
             }
             Some(Entry::Stopping { id: stopping, .. }) if *stopping == id => {
