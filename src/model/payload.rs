@@ -214,7 +214,6 @@ pub(crate) fn read_frame(
         members: Vec::with_capacity(12),
         data: None,
     };
-    let mut skipped = String::new();
     reader
         .each_member(|reader, key| {
             reader.skip_whitespace();
@@ -225,10 +224,10 @@ pub(crate) fn read_frame(
                 if key == "data" {
                     frame.data = None;
                 }
-                // Read as it is: only `data`'s numbers take the store's form.
+                // Checked, not written: the caller reads its text as it
+                // is (only `data`'s numbers take the store's form).
                 let form = reader.form.take();
-                skipped.clear();
-                let read = reader.value(&mut skipped, 1);
+                let read = reader.skip(1);
                 reader.form = form;
                 read?;
             }
@@ -274,7 +273,8 @@ impl<'a> Reader<'a> {
             at: 0,
             form,
             max_depth: MAX_DEPTH,
-            stack: Vec::new(),
+            // Room for the members of a few nested objects without growing.
+            stack: Vec::with_capacity(16),
             scratch: String::new(),
         }
     }
@@ -351,16 +351,23 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn number(&mut self, out: &mut String) -> Result<(), CanonicalError> {
+    /// The number literal here, checked.
+    fn number_literal(&mut self) -> Result<&'a str, CanonicalError> {
         let start = self.at;
         while let Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') = self.peek() {
             self.at += 1;
         }
-        let literal = &self.text[start..self.at];
+        let text = self.text;
+        let literal = &text[start..self.at];
         if !json_number(literal) {
             self.at = start;
             return Err(self.malformed());
         }
+        Ok(literal)
+    }
+
+    fn number(&mut self, out: &mut String) -> Result<(), CanonicalError> {
+        let literal = self.number_literal()?;
         match self.form {
             Some(form) if !kept_as_is(literal, form) => {
                 out.push_str(&normalize_number_as(&serde_literal(literal), form)?)
@@ -429,6 +436,45 @@ impl<'a> Reader<'a> {
             return Err(CanonicalError::NulCharacter);
         }
         Ok(contents)
+    }
+
+    /// The value here, checked as [`Self::value`] checks it (as a kept
+    /// text, numbers as they are) and written nowhere.
+    fn skip(&mut self, depth: usize) -> Result<(), CanonicalError> {
+        self.skip_whitespace();
+        match self.peek() {
+            Some(b'{') => {
+                self.nest(depth + 1)?;
+                self.each_member(|reader, _| reader.skip(depth + 1))
+            }
+            Some(b'[') => {
+                self.nest(depth + 1)?;
+                self.at += 1;
+                self.skip_whitespace();
+                if self.peek() == Some(b']') {
+                    self.at += 1;
+                    return Ok(());
+                }
+                loop {
+                    self.skip(depth + 1)?;
+                    self.skip_whitespace();
+                    match self.peek() {
+                        Some(b',') => self.at += 1,
+                        Some(b']') => {
+                            self.at += 1;
+                            return Ok(());
+                        }
+                        _ => return Err(self.malformed()),
+                    }
+                }
+            }
+            Some(b'"') => self.string().map(drop),
+            Some(b'-' | b'0'..=b'9') => self.number_literal().map(drop),
+            Some(b't') => self.word("true", &mut String::new()),
+            Some(b'f') => self.word("false", &mut String::new()),
+            Some(b'n') => self.word("null", &mut String::new()),
+            _ => Err(self.malformed()),
+        }
     }
 
     fn array(&mut self, out: &mut String, depth: usize) -> Result<(), CanonicalError> {
@@ -548,18 +594,19 @@ impl<'a> Reader<'a> {
     fn top_object(&mut self, depth: usize) -> Result<Payload, CanonicalError> {
         self.nest(depth)?;
         let mut scratch = String::with_capacity(self.text.len() - self.at);
-        let mut members = Vec::new();
+        let mut members = Vec::with_capacity(8);
         self.each_member(|reader, key| {
             let from = scratch.len();
             reader.value(&mut scratch, depth)?;
             members.push((key, from..scratch.len()));
             Ok(())
         })?;
-        Ok(Payload(
+        let mut pairs = Vec::with_capacity(members.len());
+        pairs.extend(
             in_key_order(&mut members)
-                .map(|(key, range)| (Box::from(&**key), Box::from(&scratch[range.clone()])))
-                .collect(),
-        ))
+                .map(|(key, range)| (Box::from(&**key), Box::from(&scratch[range.clone()]))),
+        );
+        Ok(Payload(pairs))
     }
 }
 
