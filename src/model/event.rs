@@ -454,6 +454,9 @@ fn check_depth(line: &[u8], max: usize) -> Result<(), DecodeError> {
 /// between date and time; rounded to microseconds half to even, as Postgres
 /// stores a `timestamptz`.
 pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
+    if let Some(t) = parse_isoformat_utc(text) {
+        return Some(t);
+    }
     let parsed = DateTime::parse_from_rfc3339(text)
         .map(|t| t.with_timezone(&Utc))
         .or_else(|_| {
@@ -481,17 +484,70 @@ pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     }
 }
 
+/// What nearly every producer sends, stabilize first of all: Python's
+/// `isoformat()` of an aware UTC time with microseconds,
+/// `2026-11-26T03:59:48.120000+00:00`, read without chrono's general
+/// parser. Anything else (no fraction, other digits, `Z`, another offset,
+/// a leap second, a date that does not exist) is `None`, for that parser.
+fn parse_isoformat_utc(text: &str) -> Option<DateTime<Utc>> {
+    let b = text.as_bytes();
+    if b.len() != 32 || &b[26..] != b"+00:00" {
+        return None;
+    }
+    let separators = [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+    ];
+    if separators.iter().any(|&(at, c)| b[at] != c) {
+        return None;
+    }
+    let number = |from: usize, to: usize| -> Option<u32> {
+        b[from..to].iter().try_fold(0u32, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    let date =
+        chrono::NaiveDate::from_ymd_opt(number(0, 4)? as i32, number(5, 7)?, number(8, 10)?)?;
+    // `and_hms_micro_opt` would take a second of 60 as a leap second.
+    let second = number(17, 19)?;
+    if second > 59 {
+        return None;
+    }
+    let time = date.and_hms_micro_opt(number(11, 13)?, number(14, 16)?, second, number(20, 26)?)?;
+    Some(time.and_utc())
+}
+
 /// An instant as Python's `isoformat()` renders an aware UTC datetime:
 /// microseconds only when non-zero, always six digits.
 pub fn render_timestamp(t: &DateTime<Utc>) -> String {
+    let mut text = String::with_capacity(32);
+    write_timestamp(&mut text, t);
+    text
+}
+
+/// [`render_timestamp`] as a stored JSON text: quoted, as it is (nothing
+/// in it needs an escape).
+pub fn stored_timestamp(t: &DateTime<Utc>) -> Box<str> {
+    let mut text = String::with_capacity(34);
+    text.push('"');
+    write_timestamp(&mut text, t);
+    text.push('"');
+    text.into_boxed_str()
+}
+
+/// [`render_timestamp`] onto `text`.
+fn write_timestamp(text: &mut String, t: &DateTime<Utc>) {
     use chrono::Datelike;
     let micros = t.nanosecond() / 1000;
     // Four-digit years by hand: chrono's strftime parses its format string
     // on every call, and the stabilize reducer renders a time for most
     // events it folds. Seconds beyond 59 (leap) take chrono's way.
     if (0..=9999).contains(&t.year()) && t.nanosecond() < 1_000_000_000 {
-        let mut text = String::with_capacity(32);
-        push_digits(&mut text, t.year() as u32, 4);
+        push_digits(text, t.year() as u32, 4);
         for (separator, n) in [
             ('-', t.month()),
             ('-', t.day()),
@@ -500,20 +556,22 @@ pub fn render_timestamp(t: &DateTime<Utc>) -> String {
             (':', t.second()),
         ] {
             text.push(separator);
-            push_digits(&mut text, n, 2);
+            push_digits(text, n, 2);
         }
         if micros != 0 {
             text.push('.');
-            push_digits(&mut text, micros, 6);
+            push_digits(text, micros, 6);
         }
         text.push_str("+00:00");
-        return text;
+        return;
     }
-    if micros == 0 {
-        t.format("%Y-%m-%dT%H:%M:%S+00:00").to_string()
+    use std::fmt::Write;
+    let written = if micros == 0 {
+        write!(text, "{}", t.format("%Y-%m-%dT%H:%M:%S+00:00"))
     } else {
-        format!("{}.{micros:06}+00:00", t.format("%Y-%m-%dT%H:%M:%S"))
-    }
+        write!(text, "{}.{micros:06}+00:00", t.format("%Y-%m-%dT%H:%M:%S"))
+    };
+    written.expect("writing to a String");
 }
 
 /// `n` in `width` decimal digits, zero-padded (`n` has at most `width`).
@@ -528,6 +586,67 @@ fn push_digits(text: &mut String, mut n: u32, width: usize) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn isoformat_utc_times_read_as_chrono_reads_them() {
+        use super::parse_isoformat_utc;
+        use chrono::{DateTime, TimeZone, Utc};
+        let chrono_way = |text: &str| {
+            DateTime::parse_from_rfc3339(text)
+                .ok()
+                .map(|t| t.with_timezone(&Utc))
+        };
+        let mut micros: i64 = -62_135_596_800_000_000; // 0001-01-01
+        let step = 7_919_000_003_i64;
+        let mut read = 0;
+        while micros < 253_402_300_799_000_000 {
+            let t = Utc.timestamp_micros(micros).unwrap();
+            let text = format!("{}+00:00", t.format("%Y-%m-%dT%H:%M:%S%.6f"));
+            assert_eq!(parse_isoformat_utc(&text), Some(t), "{text}");
+            assert_eq!(parse_isoformat_utc(&text), chrono_way(&text), "{text}");
+            read += 1;
+            micros += step * 997;
+        }
+        assert!(read > 1000);
+        // Left to chrono: other forms, and dates or times that do not exist.
+        for text in [
+            "2026-11-26T03:59:48.120000Z",
+            "2026-11-26T03:59:48+00:00",
+            "2026-11-26T03:59:48.1200000+00:00",
+            "2026-11-26T03:59:48.120000+01:00",
+            "2026-11-26 03:59:48.120000+00:00",
+            "2026-11-26T23:59:60.000000+00:00",
+            "2026-02-29T00:00:00.000000+00:00",
+            "2026-13-01T00:00:00.000000+00:00",
+            "2026-11-26T24:00:00.000000+00:00",
+            "2026-11-26T03:60:00.000000+00:00",
+            "2026-11-2bT03:59:48.120000+00:00",
+            "+026-11-26T03:59:48.120000+00:00",
+            "2026-11-26T03:59:48.12000a+00:00",
+        ] {
+            assert_eq!(parse_isoformat_utc(text), None, "{text}");
+        }
+        assert_eq!(
+            parse_isoformat_utc("2024-02-29T23:59:59.999999+00:00"),
+            chrono_way("2024-02-29T23:59:59.999999+00:00")
+        );
+    }
+
+    #[test]
+    fn a_stored_timestamp_is_the_rendered_one_quoted() {
+        use super::{render_timestamp, stored_timestamp};
+        use chrono::{TimeZone, Utc};
+        for t in [
+            Utc.timestamp_micros(1_764_115_200_000_001).unwrap(),
+            Utc.with_ymd_and_hms(2026, 11, 26, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(12026, 1, 1, 0, 0, 0).unwrap(),
+        ] {
+            assert_eq!(
+                &*stored_timestamp(&t),
+                format!("\"{}\"", render_timestamp(&t))
+            );
+        }
+    }
+
     #[test]
     fn timestamps_render_as_chrono_formats_them() {
         use super::render_timestamp;

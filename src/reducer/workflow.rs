@@ -16,7 +16,7 @@
 use super::stabilize::{CURRENT_SCHEMA_VERSION, Data, action, plus_one};
 use crate::model::EntityType;
 use crate::model::canonical::{CanonicalError, write_canonical_from_stored, write_string};
-use crate::model::event::{Event, render_timestamp};
+use crate::model::event::{Event, stored_timestamp};
 use crate::model::payload::{Payload, push_stored_string};
 use serde_json::{Map, Value};
 use std::cmp::Ordering;
@@ -243,7 +243,7 @@ fn value(v: &Value) -> Text {
 }
 
 fn time(event: &Event) -> Text {
-    string(&render_timestamp(&event.timestamp))
+    stored_timestamp(&event.timestamp)
 }
 
 /// `data.get(key, default)`, as text.
