@@ -68,12 +68,18 @@ pub enum IdError {
 
 /// Check an id against what stabilize's `varchar(26)` columns accept.
 pub fn check_id(id: &str) -> Result<(), IdError> {
-    let chars = id.chars().count();
-    if chars == 0 {
-        Err(IdError::Empty)
-    } else if chars > MAX_ID_CHARS {
-        Err(IdError::TooLong(chars))
-    } else if id.contains('\0') {
+    if id.is_empty() {
+        return Err(IdError::Empty);
+    }
+    // No more characters than bytes: counted only when that could matter
+    // (an id is checked for every event).
+    if id.len() > MAX_ID_CHARS {
+        let chars = id.chars().count();
+        if chars > MAX_ID_CHARS {
+            return Err(IdError::TooLong(chars));
+        }
+    }
+    if memchr::memchr(0, id.as_bytes()).is_some() {
         Err(IdError::Nul)
     } else {
         Ok(())
