@@ -542,18 +542,22 @@ pub fn stored_timestamp(t: &DateTime<Utc>) -> Box<str> {
 /// [`render_timestamp`] onto `text`.
 fn write_timestamp(text: &mut String, t: &DateTime<Utc>) {
     use chrono::Datelike;
-    let micros = t.nanosecond() / 1000;
     // Four-digit years by hand: chrono's strftime parses its format string
     // on every call, and the stabilize reducer renders a time for most
-    // events it folds. Seconds beyond 59 (leap) take chrono's way.
-    if (0..=9999).contains(&t.year()) && t.nanosecond() < 1_000_000_000 {
-        push_digits(text, t.year() as u32, 4);
+    // events it folds. Seconds beyond 59 (leap) take chrono's way. The
+    // fields are read off the naive date and time once (each accessor of
+    // a `DateTime` works out the local time again).
+    let (date, time) = (t.date_naive(), t.time());
+    let micros = time.nanosecond() / 1000;
+    if (0..=9999).contains(&date.year()) && time.nanosecond() < 1_000_000_000 {
+        let seconds = time.num_seconds_from_midnight();
+        push_digits(text, date.year() as u32, 4);
         for (separator, n) in [
-            ('-', t.month()),
-            ('-', t.day()),
-            ('T', t.hour()),
-            (':', t.minute()),
-            (':', t.second()),
+            ('-', date.month()),
+            ('-', date.day()),
+            ('T', seconds / 3600),
+            (':', seconds / 60 % 60),
+            (':', seconds % 60),
         ] {
             text.push(separator);
             push_digits(text, n, 2);
