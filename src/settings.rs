@@ -272,6 +272,15 @@ impl Settings {
         if socket.path.as_os_str().is_empty() {
             c.problem("socket.path", "must not be empty".into());
         }
+        if socket.reorder_window > socket.max_inflight_events {
+            c.problem(
+                "socket.reorder_window",
+                format!(
+                    "{} is above socket.max_inflight_events ({}): held events count as in flight",
+                    socket.reorder_window, socket.max_inflight_events
+                ),
+            );
+        }
 
         let url: String = c.get("database.url");
         if !(url.starts_with("sqlite:")
@@ -608,6 +617,30 @@ mod tests {
         .unwrap();
         assert_eq!(ok.cluster.partitions, 64);
         assert_eq!(ok.cluster.failover_secs, 15);
+    }
+
+    #[test]
+    fn a_reorder_window_cannot_hold_more_than_may_be_in_flight() {
+        let err = Settings::load(&Sources {
+            file: None,
+            overrides: vec![
+                ("socket.reorder_window".into(), "200".into()),
+                ("socket.max_inflight_events".into(), "100".into()),
+            ],
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("socket.reorder_window: 200 is above socket.max_inflight_events (100)"),
+            "{err}"
+        );
+        let off = Settings::load(&Sources {
+            file: None,
+            overrides: vec![("socket.reorder_window".into(), "0".into())],
+        })
+        .unwrap();
+        assert_eq!(off.socket.reorder_window, 0);
+        assert_eq!(off.socket.reorder_wait_ms, 10);
     }
 
     #[test]
