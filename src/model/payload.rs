@@ -377,8 +377,26 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    /// A string's contents, borrowed when it has no escape.
+    /// A string's contents, borrowed when it has no escape. Inlined where
+    /// strings are read: nearly every string is plain, and the call cost
+    /// as much as its scan; anything else goes to [`Self::string_slowly`].
+    #[inline(always)]
     fn string(&mut self) -> Result<Cow<'a, str>, CanonicalError> {
+        let start = self.at;
+        let bytes = self.bytes();
+        let end = start + 1 + plain_run(&bytes[start + 1..]);
+        if bytes.get(end) == Some(&b'"') {
+            self.at = end + 1;
+            let text = self.text;
+            return Ok(Cow::Borrowed(&text[start + 1..end]));
+        }
+        self.string_slowly()
+    }
+
+    /// [`Self::string`] with escapes or control characters, or unended.
+    #[cold]
+    #[inline(never)]
+    fn string_slowly(&mut self) -> Result<Cow<'a, str>, CanonicalError> {
         let start = self.at;
         self.at += 1; // the opening quote
         let bytes = self.bytes();
