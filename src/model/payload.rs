@@ -467,24 +467,7 @@ impl<'a> Reader<'a> {
             }
             Some(b'[') => {
                 self.nest(depth + 1)?;
-                self.at += 1;
-                self.skip_whitespace();
-                if self.peek() == Some(b']') {
-                    self.at += 1;
-                    return Ok(());
-                }
-                loop {
-                    self.skip(depth + 1)?;
-                    self.skip_whitespace();
-                    match self.peek() {
-                        Some(b',') => self.at += 1,
-                        Some(b']') => {
-                            self.at += 1;
-                            return Ok(());
-                        }
-                        _ => return Err(self.malformed()),
-                    }
-                }
+                self.each_element(|reader, _| reader.skip(depth + 1))
             }
             Some(b'"') => self.string().map(drop),
             Some(b'-' | b'0'..=b'9') => self.number_literal().map(drop),
@@ -497,25 +480,38 @@ impl<'a> Reader<'a> {
 
     fn array(&mut self, out: &mut String, depth: usize) -> Result<(), CanonicalError> {
         self.nest(depth)?;
-        self.at += 1;
         out.push('[');
+        self.each_element(|reader, first| {
+            if !first {
+                out.push(',');
+            }
+            reader.value(out, depth)
+        })?;
+        out.push(']');
+        Ok(())
+    }
+
+    /// Read the array here (at its `[`) element by element, up to its `]`:
+    /// `element` reads each, given whether it is the first.
+    fn each_element(
+        &mut self,
+        mut element: impl FnMut(&mut Self, bool) -> Result<(), CanonicalError>,
+    ) -> Result<(), CanonicalError> {
+        self.at += 1;
         self.skip_whitespace();
         if self.peek() == Some(b']') {
             self.at += 1;
-            out.push(']');
             return Ok(());
         }
+        let mut first = true;
         loop {
-            self.value(out, depth)?;
+            element(self, first)?;
+            first = false;
             self.skip_whitespace();
             match self.peek() {
-                Some(b',') => {
-                    self.at += 1;
-                    out.push(',');
-                }
+                Some(b',') => self.at += 1,
                 Some(b']') => {
                     self.at += 1;
-                    out.push(']');
                     return Ok(());
                 }
                 _ => return Err(self.malformed()),
