@@ -19,6 +19,7 @@ use crate::model::canonical::{CanonicalError, write_canonical_from_stored, write
 use crate::model::event::{Event, stored_timestamp};
 use crate::model::payload::{Payload, push_stored_string};
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
@@ -57,79 +58,168 @@ const START_TIME: usize = 9;
 const STATUS: usize = 10;
 const TYPE: usize = 11;
 
-/// A stage or task entry: its id (its key in the workflow's map), then the
-/// texts of the keys it has, back to back in one allocation, in key order.
+/// A stage or task entry in one allocation: its id (its key in the
+/// workflow's map), a header, then the texts of the keys it has, back to
+/// back in key order.
 ///
 /// An entry has about eight of its twelve keys, most of them short (an
-/// id, a status, a time). A slot array with a text allocation per key cost
-/// about 200 bytes more an entry than the texts themselves: a quarter of
-/// a workflow's state.
+/// id, a status, a time), and a realistic workflow a hundred entries. A
+/// slot array with a text allocation per key cost about 200 bytes more an
+/// entry than the texts themselves; a table of twelve ends beside one
+/// text allocation still put 72 bytes an entry in the workflow's vector,
+/// doubled by its growth. Here the vector holds a pointer and a length
+/// (16 bytes) and the header costs about one byte a key.
+///
+/// The layout of the text, all ASCII before the texts, so the whole is a
+/// `str` and every slice below falls on a character boundary:
+/// `len(id) id present len(text)… text…`, where `present` is the keys the
+/// entry has as two 6-bit digits (a bit a slot), and each `len` a length
+/// in 6-bit digits, low first: a byte of `0x40..0x80` says another digit
+/// follows, a byte below `0x40` is the last.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Child {
-    texts: Box<str>,
-    /// Where each key's text ends in `texts`; it starts where the one
-    /// before ends (the first where the id ends). A key the entry does
-    /// not have takes no bytes.
-    ends: [u32; 12],
-    /// Where the id ends.
-    id_len: u32,
-    /// The keys the entry has, a bit each.
+pub struct Child(Box<str>);
+
+/// Where one key's text is in an entry.
+type Span = (usize, usize);
+
+/// An entry's layout, read from its header.
+struct Layout {
+    id: Span,
     present: u16,
+    /// Each slot's text; empty where the key is absent.
+    spans: [Span; 12],
+}
+
+fn push_len(out: &mut String, mut n: usize) {
+    while n >= 0x40 {
+        out.push(char::from(0x40 | (n & 0x3f) as u8));
+        n >>= 6;
+    }
+    out.push(char::from(n as u8));
+}
+
+fn len_size(mut n: usize) -> usize {
+    let mut size = 1;
+    while n >= 0x40 {
+        n >>= 6;
+        size += 1;
+    }
+    size
+}
+
+fn read_len(bytes: &[u8], at: &mut usize) -> usize {
+    let (mut n, mut shift) = (0, 0);
+    loop {
+        let digit = bytes[*at];
+        *at += 1;
+        n |= usize::from(digit & 0x3f) << shift;
+        if digit < 0x40 {
+            return n;
+        }
+        shift += 6;
+    }
 }
 
 impl Child {
     /// The entry of `id`, with no keys yet.
     fn new(id: &str) -> Child {
-        let id_len = u32::try_from(id.len()).expect("an id fits in 4 GB");
-        Child {
-            texts: id.into(),
-            ends: [id_len; 12],
-            id_len,
-            present: 0,
-        }
+        let mut text = String::with_capacity(len_size(id.len()) + id.len() + 2);
+        push_len(&mut text, id.len());
+        text.push_str(id);
+        text.push_str("\0\0");
+        Child(text.into_boxed_str())
     }
 
     /// The entry's key in the workflow's map.
     fn id(&self) -> &str {
-        &self.texts[..self.id_len as usize]
+        let mut at = 0;
+        let len = read_len(self.0.as_bytes(), &mut at);
+        &self.0[at..at + len]
+    }
+
+    fn layout(&self) -> Layout {
+        let bytes = self.0.as_bytes();
+        let mut at = 0;
+        let id_len = read_len(bytes, &mut at);
+        let id = (at, at + id_len);
+        at = id.1;
+        let present = u16::from(bytes[at]) | u16::from(bytes[at + 1]) << 6;
+        at += 2;
+        let mut lens = [0; 12];
+        for (slot, len) in lens.iter_mut().enumerate() {
+            if present & (1 << slot) != 0 {
+                *len = read_len(bytes, &mut at);
+            }
+        }
+        let mut spans = [(0, 0); 12];
+        for (span, len) in spans.iter_mut().zip(lens) {
+            *span = (at, at + len);
+            at += len;
+        }
+        Layout { id, present, spans }
     }
 
     /// The text of the key in `slot`, if the entry has the key.
     fn get(&self, slot: usize) -> Option<&str> {
-        (self.present & (1 << slot) != 0).then(|| &self.texts[self.start(slot)..self.end(slot)])
+        let layout = self.layout();
+        let (start, end) = layout.spans[slot];
+        (layout.present & (1 << slot) != 0).then(|| &self.0[start..end])
     }
 
-    /// Set the key in `slot` to `text`.
-    fn set(&mut self, slot: usize, text: &str) {
-        let (start, end) = (self.start(slot), self.end(slot));
-        let mut texts = String::with_capacity(self.texts.len() - (end - start) + text.len());
-        texts.push_str(&self.texts[..start]);
-        texts.push_str(text);
-        texts.push_str(&self.texts[end..]);
-        let grown = u32::try_from(texts.len()).expect("an entry's texts fit in 4 GB");
-        let shift = grown.wrapping_sub(self.texts.len() as u32);
-        for end in &mut self.ends[slot..] {
-            *end = end.wrapping_add(shift);
+    /// Set each key given a text, keep the others: the entry is written
+    /// once, in one allocation of its exact length.
+    fn update(&mut self, new: &[Option<&str>; 12]) {
+        if new.iter().all(Option::is_none) {
+            return;
         }
-        self.texts = texts.into_boxed_str();
-        self.present |= 1 << slot;
+        let Layout {
+            id,
+            mut present,
+            spans,
+        } = self.layout();
+        let old = &*self.0;
+        let mut texts = [""; 12];
+        for (slot, text) in texts.iter_mut().enumerate() {
+            if let Some(new) = new[slot] {
+                *text = new;
+                present |= 1 << slot;
+            } else {
+                *text = &old[spans[slot].0..spans[slot].1];
+            }
+        }
+        let has = |slot: &usize| present & (1 << slot) != 0;
+        let id = &old[id.0..id.1];
+        let size = (0..12)
+            .filter(has)
+            .map(|slot| len_size(texts[slot].len()) + texts[slot].len())
+            .sum::<usize>()
+            + len_size(id.len())
+            + id.len()
+            + 2;
+        let mut out = String::with_capacity(size);
+        push_len(&mut out, id.len());
+        out.push_str(id);
+        out.push(char::from((present & 0x3f) as u8));
+        out.push(char::from((present >> 6) as u8));
+        for slot in (0..12).filter(has) {
+            push_len(&mut out, texts[slot].len());
+        }
+        for slot in (0..12).filter(has) {
+            out.push_str(texts[slot]);
+        }
+        debug_assert_eq!(out.len(), size);
+        self.0 = out.into_boxed_str();
     }
 
     /// Each key the entry has with its text, in key order.
     fn fields(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        let Layout { present, spans, .. } = self.layout();
         CHILD_KEYS
             .iter()
+            .zip(spans)
             .enumerate()
-            .filter_map(|(slot, key)| Some((*key, self.get(slot)?)))
-    }
-
-    fn start(&self, slot: usize) -> usize {
-        slot.checked_sub(1)
-            .map_or(self.id_len as usize, |before| self.end(before))
-    }
-
-    fn end(&self, slot: usize) -> usize {
-        self.ends[slot] as usize
+            .filter(move |(slot, _)| present & (1 << slot) != 0)
+            .map(|(_, (key, (start, end)))| (*key, &self.0[start..end]))
     }
 }
 
@@ -146,30 +236,24 @@ impl Child {
 pub struct Children(Vec<Child>);
 
 impl Children {
-    /// The entry of `id`, made and given its first keys by `init` if
-    /// there is none.
-    fn entry(&mut self, id: &str, init: impl FnOnce(&mut Child)) -> &mut Child {
+    /// The entry of `id`, and whether it was made just now (with no keys).
+    fn entry(&mut self, id: &str) -> (&mut Child, bool) {
         let entries = &mut self.0;
-        let new = || {
-            let mut child = Child::new(id);
-            init(&mut child);
-            child
-        };
-        let at = match entries.last().map(|last| last.id().cmp(id)) {
-            Some(Ordering::Equal) => entries.len() - 1,
+        let (at, made) = match entries.last().map(|last| last.id().cmp(id)) {
+            Some(Ordering::Equal) => (entries.len() - 1, false),
             None | Some(Ordering::Less) => {
-                entries.push(new());
-                entries.len() - 1
+                entries.push(Child::new(id));
+                (entries.len() - 1, true)
             }
             Some(Ordering::Greater) => match entries.binary_search_by(|c| c.id().cmp(id)) {
-                Ok(at) => at,
+                Ok(at) => (at, false),
                 Err(at) => {
-                    entries.insert(at, new());
-                    at
+                    entries.insert(at, Child::new(id));
+                    (at, true)
                 }
             },
         };
-        &mut entries[at]
+        (&mut entries[at], made)
     }
 
     /// Each id and entry, in id order.
@@ -357,11 +441,13 @@ impl WorkflowState {
                     let Value::Object(fields) = entry else {
                         return None;
                     };
-                    let mut child = Child::new(id);
+                    let mut texts: [Option<Text>; 12] = Default::default();
                     for (k, v) in fields {
                         let slot = CHILD_KEYS.iter().position(|c| c == k)?;
-                        child.set(slot, &value(v));
+                        texts[slot] = Some(value(v));
                     }
+                    let mut child = Child::new(id);
+                    child.update(&std::array::from_fn(|slot| texts[slot].as_deref()));
                     Some(child)
                 })
                 .collect()
@@ -498,49 +584,68 @@ impl WorkflowState {
     }
 }
 
+/// The texts one event gives an entry's keys, gathered so that the entry
+/// is written once.
+#[derive(Default)]
+struct Changes([Option<Cow<'static, str>>; 12]);
+
+impl Changes {
+    fn put(&mut self, slot: usize, text: Text) {
+        self.0[slot] = Some(Cow::Owned(text.into_string()));
+    }
+
+    /// A stored text known in advance (`"\"RUNNING\""`).
+    fn put_static(&mut self, slot: usize, text: &'static str) {
+        self.0[slot] = Some(Cow::Borrowed(text));
+    }
+
+    fn texts(&self) -> [Option<&str>; 12] {
+        std::array::from_fn(|slot| self.0[slot].as_deref())
+    }
+}
+
 /// Stage and task events: the first event of any type creates the entry.
 fn apply_child(children: &mut Children, kind: &str, event: &Event, data: &mut impl Data) {
     let id = &*event.entity_id;
-    let child = children.entry(id, |child| {
-        child.set(ID, &string(id));
+    let (c, made) = children.entry(id);
+    let mut new = Changes::default();
+    if made {
+        new.put(ID, string(id));
         let fields: &[usize] = if kind == "stage" {
             &[REF_ID, TYPE, NAME]
         } else {
             &[NAME, STAGE_ID]
         };
         for &field in fields {
-            child.set(field, &get_or(data, CHILD_KEYS[field], null));
+            new.put(field, get_or(data, CHILD_KEYS[field], null));
         }
-    });
-    let Some(action) = action(&event.event_type, kind) else {
-        return;
-    };
-    let c = child;
-    match (kind, action) {
-        (_, "started") => {
-            c.set(STATUS, &string("RUNNING"));
-            c.set(START_TIME, &time(event));
+    }
+    match (kind, action(&event.event_type, kind)) {
+        (_, None) => {}
+        (_, Some("started")) => {
+            new.put_static(STATUS, r#""RUNNING""#);
+            new.put(START_TIME, time(event));
         }
-        (_, "completed") => {
-            c.set(STATUS, &get_or(data, "status", || string("SUCCEEDED")));
-            c.set(END_TIME, &time(event));
+        (_, Some("completed")) => {
+            new.put(STATUS, get_or(data, "status", || string("SUCCEEDED")));
+            new.put(END_TIME, time(event));
             if let Some(outputs) = data.take_text("outputs") {
-                c.set(OUTPUTS, &kept(outputs));
+                new.put(OUTPUTS, kept(outputs));
             }
         }
-        (_, "failed") => {
-            c.set(STATUS, &get_or(data, "status", || string("TERMINAL")));
-            c.set(END_TIME, &time(event));
-            c.set(ERROR, &get_or(data, "error", null));
+        (_, Some("failed")) => {
+            new.put(STATUS, get_or(data, "status", || string("TERMINAL")));
+            new.put(END_TIME, time(event));
+            new.put(ERROR, get_or(data, "error", null));
         }
-        ("stage", "skipped") => {
-            c.set(STATUS, &string("SKIPPED"));
-            c.set(SKIP_REASON, &get_or(data, "reason", null));
+        ("stage", Some("skipped")) => {
+            new.put_static(STATUS, r#""SKIPPED""#);
+            new.put(SKIP_REASON, get_or(data, "reason", null));
         }
-        ("stage", "canceled") => c.set(STATUS, &string("CANCELED")),
-        ("stage", "suspended") => c.set(STATUS, &string("SUSPENDED")),
-        ("stage", "resumed") => c.set(STATUS, &string("RUNNING")),
-        ("task", "retried") => {
+        ("stage", Some("canceled")) => new.put_static(STATUS, r#""CANCELED""#),
+        ("stage", Some("suspended")) => new.put_static(STATUS, r#""SUSPENDED""#),
+        ("stage", Some("resumed")) => new.put_static(STATUS, r#""RUNNING""#),
+        ("task", Some("retried")) => {
             // data.get("retry_count", task.get("retry_count", 0) + 1), the
             // default first (see `stabilize`): a count Python cannot add one
             // to leaves the count as it was.
@@ -558,9 +663,63 @@ fn apply_child(children: &mut Children, kind: &str, event: &Event, data: &mut im
             if let Ok(next) = next
                 && let Some(count) = data.take_text("retry_count").map(kept).or(next)
             {
-                c.set(RETRY_COUNT, &count);
+                new.put(RETRY_COUNT, count);
             }
         }
         _ => {}
+    }
+    c.update(&new.texts());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A text of 0 to about 5,000 bytes (lengths of one, two and three
+    /// digits), with characters of every UTF-8 width.
+    fn text() -> impl Strategy<Value = String> {
+        (0usize..80, "[a-zé€😀\"]{0,3}", 0usize..3).prop_map(|(n, s, scale)| {
+            let repeat = [1, 30, 1_700][scale];
+            s.repeat(n * repeat / 4 + 1)
+        })
+    }
+
+    proptest! {
+        /// An entry reads back every key as last set, in key order, and
+        /// keeps its id, whatever the order, grouping and length of the
+        /// texts set.
+        #[test]
+        fn an_entry_keeps_each_key_as_last_set(
+            id in "[0-9A-Z😀]{0,30}",
+            updates in prop::collection::vec(
+                prop::collection::vec((0usize..12, text()), 0..4),
+                0..12,
+            ),
+        ) {
+            let mut child = Child::new(&id);
+            let mut model: [Option<String>; 12] = Default::default();
+            for update in updates {
+                let mut new = [None; 12];
+                for (slot, text) in &update {
+                    new[*slot] = Some(text.as_str());
+                }
+                child.update(&new);
+                for (slot, text) in update {
+                    model[slot] = Some(text);
+                }
+                prop_assert_eq!(child.id(), id.as_str());
+                for (s, expected) in model.iter().enumerate() {
+                    prop_assert_eq!(child.get(s), expected.as_deref());
+                }
+                let fields: Vec<_> = child.fields().collect();
+                let expected: Vec<_> = model
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(s, t)| Some((CHILD_KEYS[s], t.as_deref()?)))
+                    .collect();
+                prop_assert_eq!(fields, expected);
+            }
+        }
     }
 }
