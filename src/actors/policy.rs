@@ -530,7 +530,7 @@ impl PolicyState {
                 .store
                 .workflow_sequences(&self.workflow_id(), snap_seq, upto)
                 .await?;
-            if in_table == self.ledger.window_sequences() && self.ledger.refold_in_memory() {
+            if self.ledger.window_is(&in_table) && self.ledger.refold_in_memory() {
                 self.args.stats.refolds_in_memory.inc();
                 return Ok(());
             }

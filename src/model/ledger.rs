@@ -20,6 +20,7 @@
 //!   events again.
 
 use super::event::Event;
+use super::sequences::Sequences;
 use crate::reducer::{Reducer, State};
 
 /// What an arriving event turned out to be.
@@ -52,8 +53,8 @@ pub struct Ledger {
     /// Version and sequence of the last snapshot (or of the one started from).
     snap_version: i32,
     snap_seq: i64,
-    window: Vec<i64>,
-    folded: Vec<i64>,
+    window: Sequences,
+    folded: Sequences,
     /// Sequences at or below this were forgotten from `folded`, or never
     /// seen: covered by the snapshot started from.
     forgotten_upto: i64,
@@ -72,8 +73,8 @@ impl Ledger {
             state: initial,
             snap_version: 0,
             snap_seq: 0,
-            window: Vec::new(),
-            folded: Vec::new(),
+            window: Sequences::default(),
+            folded: Sequences::default(),
             forgotten_upto: 0,
             dirty: false,
             disordered: false,
@@ -97,12 +98,13 @@ impl Ledger {
 
     /// The newest sequence folded since the last snapshot.
     pub fn newest_in_window(&self) -> Option<i64> {
-        self.window.last().copied()
+        self.window.last()
     }
 
-    /// The sequences folded since the last snapshot, in order.
-    pub fn window_sequences(&self) -> &[i64] {
-        &self.window
+    /// Whether the sequences folded since the last snapshot are exactly
+    /// `seqs` (sorted).
+    pub fn window_is(&self, seqs: &[i64]) -> bool {
+        self.window.is(seqs)
     }
 
     /// The last snapshot's state and the window's events are kept.
@@ -136,7 +138,7 @@ impl Ledger {
 
     /// The newest sequence received, or the snapshot's.
     pub fn received_upto(&self) -> i64 {
-        self.window.last().copied().unwrap_or(0).max(self.snap_seq)
+        self.window.last().unwrap_or(0).max(self.snap_seq)
     }
 
     /// Start from a stored (or pending) snapshot: everything up to its
@@ -153,7 +155,7 @@ impl Ledger {
     /// settle what the ledger cannot.
     pub fn receive(&mut self, event: Event, table: bool) -> Receipt {
         let seq = event.sequence;
-        if self.window.binary_search(&seq).is_ok() || self.folded.binary_search(&seq).is_ok() {
+        if self.window.contains(seq) || self.folded.contains(seq) {
             return Receipt::Duplicate;
         }
         let late = if seq <= self.snap_seq {
@@ -165,7 +167,7 @@ impl Ledger {
             }
             true
         } else {
-            self.window.last().is_some_and(|&last| last > seq)
+            self.window.last().is_some_and(|last| last > seq)
         };
         self.dirty |= late;
         self.disordered |= late;
@@ -176,7 +178,7 @@ impl Ledger {
 
     /// Fold an event known to be new (from the table, in sequence order).
     pub fn fold(&mut self, event: Event) {
-        insert_sorted(&mut self.window, event.sequence);
+        self.window.insert(event.sequence);
         match &mut self.replay {
             Some(replay) if replay.events.len() < REPLAY_MAX_EVENTS => {
                 self.reducer.fold(&mut self.state, &event);
@@ -192,7 +194,7 @@ impl Ledger {
     /// Version and sequence a snapshot of the window would have; `None`
     /// when nothing was folded since the last one.
     pub fn next_position(&self) -> Option<(i32, i64)> {
-        let last = *self.window.last()?;
+        let last = self.window.last()?;
         Some((
             self.snap_version + self.window.len() as i32,
             self.snap_seq.max(last),
@@ -206,15 +208,12 @@ impl Ledger {
         self.dirty = false;
         self.snap_version = version;
         self.snap_seq = sequence;
-        for seq in std::mem::take(&mut self.window) {
-            insert_sorted(&mut self.folded, seq);
-            if let Some(keep) = trim_to
-                && self.folded.len() > keep * 2
-            {
-                let cut = self.folded.len() - keep;
-                self.forgotten_upto = self.forgotten_upto.max(self.folded[cut - 1]);
-                self.folded.drain(..cut);
-            }
+        self.folded.append(std::mem::take(&mut self.window));
+        if let Some(keep) = trim_to
+            && self.folded.len() > keep * 2
+            && let Some(upto) = self.folded.forget_oldest(self.folded.len() - keep)
+        {
+            self.forgotten_upto = self.forgotten_upto.max(upto);
         }
         // Only with a table (`trim_to`) is a window ever re-folded.
         self.replay = (self.disordered && trim_to.is_some()).then(|| {
@@ -253,7 +252,7 @@ impl Ledger {
         self.snap_version = events.len() as i32;
         self.snap_seq = events.last().map_or(upto, |e| e.sequence.max(upto));
         for event in events {
-            self.folded.push(event.sequence);
+            self.folded.insert(event.sequence);
             self.reducer.fold_owned(&mut self.state, event);
         }
         self.forgotten_upto = 0;
@@ -264,16 +263,6 @@ impl Ledger {
     /// up to its sequence (no snapshot yet: nothing to contradict).
     pub fn covers(&self, count: i64) -> bool {
         self.snap_seq == 0 || count == i64::from(self.snap_version)
-    }
-}
-
-fn insert_sorted(seqs: &mut Vec<i64>, seq: i64) {
-    match seqs.last() {
-        Some(&last) if last > seq => {
-            let at = seqs.partition_point(|&s| s < seq);
-            seqs.insert(at, seq);
-        }
-        _ => seqs.push(seq),
     }
 }
 
@@ -415,7 +404,7 @@ mod tests {
             json!(3),
             "arrival order before the refold"
         );
-        assert_eq!(l.window_sequences(), [3, 5]);
+        assert!(l.window_is(&[3, 5]));
         assert!(l.refold_in_memory());
         assert!(!l.is_dirty());
         assert_eq!(l.state().to_map()["k"], json!(5), "sequence order after it");

@@ -6,6 +6,7 @@ pub mod event;
 pub mod ledger;
 pub mod payload;
 pub mod reorder;
+pub mod sequences;
 mod snapshot;
 
 pub use snapshot::{
