@@ -10,8 +10,9 @@
 //! bytes, for a permit or on a command, so batching adds no delay and
 //! keeps every event ahead of the commands that follow it. Before that, a
 //! connection's last `socket.reorder_window` events are held and handed on
-//! lowest sequence first ([`Reorder`]), until the connection goes quiet for
-//! `socket.reorder_wait_ms` or a command comes (which sees all of them).
+//! lowest sequence first ([`Reorder`]), none longer than
+//! `socket.reorder_wait_ms` (so a steady trickle is not held until the
+//! window fills), and all at once before a command (which sees them).
 //!
 //! Replies are never dropped; what bounds them is a per-connection budget
 //! of queued reply bytes (`socket.reply_buffer_bytes`). Queuing a reply
@@ -31,7 +32,7 @@ use ractor::ActorRef;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
@@ -66,7 +67,7 @@ pub struct IngestContext {
     pub reply_timeout: Duration,
     /// Events of a connection held back to be put in sequence order.
     pub reorder_window: usize,
-    /// Held events go on once the connection is quiet this long.
+    /// No event is held longer than this.
     pub reorder_wait: Duration,
     /// In a cluster, for `stats`: this node and what it owns.
     pub ownership: Option<Arc<crate::cluster::ownership::Ownership>>,
@@ -132,6 +133,7 @@ async fn read_connection(
         shutdown: shutdown.clone(),
         batch: Vec::new(),
         reorder: Reorder::new(ctx.reorder_window),
+        read_at: Instant::now(),
     };
     let mut reader = BufReader::with_capacity(256 * 1024, read_half);
     let mut line: Vec<u8> = Vec::new();
@@ -147,22 +149,25 @@ async fn read_connection(
             reader.buffer()
         } else {
             // Every complete line read so far is handled: hand its events
-            // over before waiting for the producer, and the held ones too
-            // once it has been quiet for a while.
+            // over before waiting for the producer, and each held one once
+            // it has waited `reorder_wait`.
             conn.send_events(ctx);
-            let quiet = (!conn.reorder.is_empty()).then_some(ctx.reorder_wait);
+            let due = conn.reorder.oldest().map(|at| at + ctx.reorder_wait);
             let read = tokio::select! {
                 biased;
                 _ = conn.stopped() => break,
-                _ = sleep_or_never(quiet) => None,
+                _ = sleep_until_or_never(due) => None,
                 read = reader.fill_buf() => Some(read),
             };
             match read {
                 None => {
-                    conn.send_all(ctx);
+                    conn.send_due(ctx);
                     continue;
                 }
-                Some(Ok(bytes)) => bytes,
+                Some(Ok(bytes)) => {
+                    conn.read_at = Instant::now();
+                    bytes
+                }
                 Some(Err(error)) => {
                     tracing::warn!(connection = id, error = %error, "Reading from a producer failed; closing.");
                     break;
@@ -309,15 +314,17 @@ struct Conn {
     batch: Vec<Held>,
     /// Events read and held back to be put in sequence order.
     reorder: Reorder<Held>,
+    /// When the bytes being handled were read (the time events came).
+    read_at: Instant,
 }
 
 /// An event read, with its in-flight permit.
 type Held = (Box<Event>, OwnedSemaphorePermit);
 
-/// Sleeps `wait`, or forever without one.
-async fn sleep_or_never(wait: Option<Duration>) {
-    match wait {
-        Some(wait) => tokio::time::sleep(wait).await,
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_or_never(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
         None => std::future::pending().await,
     }
 }
@@ -345,10 +352,20 @@ impl Conn {
         self.send_events(ctx);
     }
 
+    /// Send the held events that have waited `reorder_wait` (and the ones
+    /// of smaller sequences, which go first).
+    fn send_due(&mut self, ctx: &IngestContext) {
+        if let Some(cutoff) = Instant::now().checked_sub(ctx.reorder_wait) {
+            let batch = &mut self.batch;
+            self.reorder.release_older(cutoff, |held| batch.push(held));
+        }
+        self.send_events(ctx);
+    }
+
     /// Take in an event read: held back, and maybe one handed on.
     fn push_event(&mut self, ctx: &IngestContext, held: Held) {
         let sequence = held.0.sequence;
-        let (released, out_of_order) = self.reorder.push(sequence, held);
+        let (released, out_of_order) = self.reorder.push(sequence, held, self.read_at);
         if out_of_order {
             ctx.stats.events_reordered.inc();
         }

@@ -10,11 +10,18 @@
 //! still arrives late, and the ledger handles it exactly as before: the
 //! window only saves work, it never decides what is folded.
 //!
-//! Pure: the reader decides when to [`Reorder::drain`] (a command, a quiet
-//! connection, backpressure, the end).
+//! No event is held longer than the reader asks: [`Reorder::release_older`]
+//! hands on every event that came before a time, and those of smaller
+//! sequences with it, so a steady trickle that never leaves the connection
+//! quiet does not hold events until the window fills.
+//!
+//! Pure: the reader gives the times and decides when to release or
+//! [`Reorder::drain`] (a command, a held event's time up, backpressure, the
+//! end).
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::time::Instant;
 
 /// Events held back, handed on smallest sequence first once more than
 /// `window` are held. Events with equal sequences (duplicates) keep their
@@ -22,6 +29,8 @@ use std::collections::BinaryHeap;
 #[derive(Debug)]
 pub struct Reorder<T> {
     held: BinaryHeap<Held<T>>,
+    /// When each held event came, by arrival: the oldest first.
+    came: BTreeMap<u64, Instant>,
     window: usize,
     arrivals: u64,
     /// Highest sequence seen on this connection.
@@ -67,16 +76,18 @@ impl<T> Reorder<T> {
     pub fn new(window: usize) -> Self {
         Reorder {
             held: BinaryHeap::with_capacity(window + 1),
+            came: BTreeMap::new(),
             window,
             arrivals: 0,
             highest: i64::MIN,
         }
     }
 
-    /// Take in an event; returns the one handed on, if the window is full.
-    /// `out_of_order` tells whether this event came after a higher sequence
-    /// on the same connection (it is put back in order if still possible).
-    pub fn push(&mut self, sequence: i64, item: T) -> (Option<T>, bool) {
+    /// Take in an event that came at `now`; returns the one handed on, if
+    /// the window is full. `out_of_order` tells whether this event came
+    /// after a higher sequence on the same connection (it is put back in
+    /// order if still possible).
+    pub fn push(&mut self, sequence: i64, item: T, now: Instant) -> (Option<T>, bool) {
         let out_of_order = sequence < self.highest;
         self.highest = self.highest.max(sequence);
         if self.window == 0 {
@@ -88,19 +99,47 @@ impl<T> Reorder<T> {
             arrival: self.arrivals,
             item,
         });
+        self.came.insert(self.arrivals, now);
         let released = if self.held.len() > self.window {
-            self.held.pop().map(|held| held.item)
+            self.pop().map(|(_, item)| item)
         } else {
             None
         };
         (released, out_of_order)
     }
 
+    /// When the longest held event came.
+    pub fn oldest(&self) -> Option<Instant> {
+        self.came.first_key_value().map(|(_, &at)| at)
+    }
+
+    /// Hand on every event that came at or before `cutoff`, and before each
+    /// the held ones of smaller sequences, smallest first.
+    pub fn release_older(&mut self, cutoff: Instant, mut out: impl FnMut(T)) {
+        while let Some((&oldest, &at)) = self.came.first_key_value()
+            && at <= cutoff
+        {
+            while let Some((arrival, item)) = self.pop() {
+                out(item);
+                if arrival == oldest {
+                    break;
+                }
+            }
+        }
+    }
+
     /// Hand on everything held, smallest sequence first.
     pub fn drain(&mut self, mut out: impl FnMut(T)) {
-        while let Some(held) = self.held.pop() {
-            out(held.item);
+        while let Some((_, item)) = self.pop() {
+            out(item);
         }
+    }
+
+    /// The held event of the smallest sequence, with its arrival.
+    fn pop(&mut self) -> Option<(u64, T)> {
+        let held = self.held.pop()?;
+        self.came.remove(&held.arrival);
+        Some((held.arrival, held.item))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -122,7 +161,7 @@ mod tests {
         let mut out = Vec::new();
         let mut late = 0;
         for &s in sequences {
-            let (released, out_of_order) = reorder.push(s, s);
+            let (released, out_of_order) = reorder.push(s, s, Instant::now());
             out.extend(released);
             late += usize::from(out_of_order);
         }
@@ -149,20 +188,22 @@ mod tests {
     #[test]
     fn a_full_window_hands_on_its_smallest_and_holds_the_rest() {
         let mut reorder = Reorder::new(3);
-        assert_eq!(reorder.push(5, 'a').0, None);
-        assert_eq!(reorder.push(3, 'b').0, None);
-        assert_eq!(reorder.push(4, 'c').0, None);
+        let now = Instant::now();
+        assert_eq!(reorder.push(5, 'a', now).0, None);
+        assert_eq!(reorder.push(3, 'b', now).0, None);
+        assert_eq!(reorder.push(4, 'c', now).0, None);
         assert_eq!(reorder.len(), 3);
-        assert_eq!(reorder.push(9, 'd').0, Some('b'));
-        assert_eq!(reorder.push(1, 'e').0, Some('e'));
+        assert_eq!(reorder.push(9, 'd', now).0, Some('b'));
+        assert_eq!(reorder.push(1, 'e', now).0, Some('e'));
         assert_eq!(reorder.len(), 3);
     }
 
     #[test]
     fn duplicates_keep_their_arrival_order() {
         let mut reorder = Reorder::new(8);
+        let now = Instant::now();
         for (s, tag) in [(2, 'x'), (1, 'a'), (2, 'y'), (1, 'b')] {
-            assert_eq!(reorder.push(s, tag).0, None);
+            assert_eq!(reorder.push(s, tag, now).0, None);
         }
         let mut out = Vec::new();
         reorder.drain(|t| out.push(t));
@@ -173,8 +214,34 @@ mod tests {
     #[test]
     fn a_window_of_zero_holds_nothing() {
         let mut reorder = Reorder::new(0);
-        assert_eq!(reorder.push(7, 'a'), (Some('a'), false));
-        assert_eq!(reorder.push(6, 'b'), (Some('b'), true));
+        let now = Instant::now();
+        assert_eq!(reorder.push(7, 'a', now), (Some('a'), false));
+        assert_eq!(reorder.push(6, 'b', now), (Some('b'), true));
+        assert!(reorder.is_empty());
+    }
+
+    #[test]
+    fn events_held_too_long_go_on_with_the_smaller_sequences_before_them() {
+        let start = Instant::now();
+        let at = |ms: u64| start + std::time::Duration::from_millis(ms);
+        let mut reorder = Reorder::new(64);
+        for (s, ms) in [(5, 0), (7, 1), (3, 2), (9, 8), (8, 9)] {
+            assert_eq!(reorder.push(s, s, at(ms)).0, None);
+        }
+        assert_eq!(reorder.oldest(), Some(at(0)));
+        let mut out = Vec::new();
+        reorder.release_older(at(0), |s| out.push(s));
+        // 5 came first; 3, though later, goes before it.
+        assert_eq!(out, [3, 5]);
+        assert_eq!(reorder.oldest(), Some(at(1)));
+        reorder.release_older(at(5), |s| out.push(s));
+        assert_eq!(out, [3, 5, 7]);
+        assert_eq!(reorder.oldest(), Some(at(8)));
+        reorder.release_older(at(7), |s| out.push(s));
+        assert_eq!(out, [3, 5, 7], "nothing else is that old");
+        reorder.drain(|s| out.push(s));
+        assert_eq!(out, [3, 5, 7, 8, 9]);
+        assert_eq!(reorder.oldest(), None);
         assert!(reorder.is_empty());
     }
 }

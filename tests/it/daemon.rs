@@ -341,6 +341,48 @@ fn held_events_are_folded_once_their_connection_goes_quiet() {
     drop(stream);
 }
 
+#[test]
+fn a_connection_that_never_goes_quiet_does_not_hold_its_events_until_the_window_fills() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let backend = Backend::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &backend.url(),
+        "[policy]\nevent_interval = 100000\n[socket]\nreorder_window = 4000\nreorder_wait_ms = 50\n",
+    );
+    // A steady trickle, an event every 2 ms for up to 4 s: never 50 ms of
+    // quiet, and fewer events than the window holds.
+    let mut stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let trickle = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            for seq in 1..=2000 {
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+                stream.write_all(&counted(&[seq])[0]).unwrap();
+                stream.write_all(b"\n").unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            done.store(true, Ordering::Relaxed);
+            stream
+        })
+    };
+    let taken = eventually(20, "the trickle's first events to be folded", || {
+        let reply =
+            daemon.command(json!({"op": "snapshot", "entity_type": "workflow", "entity_id": "w"}));
+        (reply["ok"] == true && reply["version"].as_i64() >= Some(1)).then_some(reply)
+    });
+    assert!(
+        !done.swap(true, Ordering::Relaxed),
+        "folded only once the trickle had ended: {taken}"
+    );
+    drop(trickle.join().unwrap());
+}
+
 #[tokio::test]
 async fn a_store_outage_loses_nothing_and_writing_resumes() {
     let backend = Backend::postgres().await;
