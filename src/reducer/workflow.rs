@@ -441,13 +441,13 @@ impl WorkflowState {
                     let Value::Object(fields) = entry else {
                         return None;
                     };
-                    let mut texts: [Option<Text>; 12] = Default::default();
+                    let mut new = Changes::default();
                     for (k, v) in fields {
                         let slot = CHILD_KEYS.iter().position(|c| c == k)?;
-                        texts[slot] = Some(value(v));
+                        new.put(slot, value(v));
                     }
                     let mut child = Child::new(id);
-                    child.update(&std::array::from_fn(|slot| texts[slot].as_deref()));
+                    child.update(&new.texts());
                     Some(child)
                 })
                 .collect()
@@ -584,8 +584,8 @@ impl WorkflowState {
     }
 }
 
-/// The texts one event gives an entry's keys, gathered so that the entry
-/// is written once.
+/// The texts one event (or a stored state) gives an entry's keys,
+/// gathered so that the entry is written once.
 #[derive(Default)]
 struct Changes([Option<Cow<'static, str>>; 12]);
 
