@@ -125,7 +125,7 @@ impl Ledger {
         events.sort_by_key(|e| e.sequence);
         self.state = base;
         for event in events {
-            self.reducer.fold_owned(&mut self.state, event);
+            self.reducer.fold(&mut self.state, &event);
         }
         self.dirty = false;
         true
@@ -186,7 +186,7 @@ impl Ledger {
             }
             _ => {
                 self.replay = None;
-                self.reducer.fold_owned(&mut self.state, event);
+                self.reducer.fold(&mut self.state, &event);
             }
         }
     }
@@ -253,7 +253,7 @@ impl Ledger {
         self.snap_seq = events.last().map_or(upto, |e| e.sequence.max(upto));
         for event in events {
             self.folded.insert(event.sequence);
-            self.reducer.fold_owned(&mut self.state, event);
+            self.reducer.fold(&mut self.state, &event);
         }
         self.forgotten_upto = 0;
         self.dirty = false;

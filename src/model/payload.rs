@@ -26,8 +26,37 @@ type Member<'a> = (Cow<'a, str>, Range<usize>);
 const MAX_DEPTH: usize = 127;
 
 /// Each key of an event's `data` with its value's stored text, in key order.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Payload(Vec<(Box<str>, Box<str>)>);
+///
+/// The texts are kept one after another in one string, each member as the
+/// ranges of its key and value there: two allocations a payload, not two a
+/// key. The fold copies what it keeps into the state anyway (a stage's or
+/// task's entry is one allocation), so nothing is gained by boxing each
+/// value on the connection's thread to free it on the entity's.
+#[derive(Clone, Default)]
+pub struct Payload {
+    text: String,
+    members: Vec<Span>,
+}
+
+/// Where a member's key and value are in [`Payload::text`].
+#[derive(Debug, Clone, PartialEq)]
+struct Span {
+    key: Range<usize>,
+    value: Range<usize>,
+}
+
+/// Equal when the same keys have the same texts, wherever they are kept.
+impl PartialEq for Payload {
+    fn eq(&self, other: &Payload) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
 
 /// Why a payload was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -123,21 +152,19 @@ impl Payload {
 
     /// The payload of a map whose numbers are already in the store's form.
     pub fn from_map(map: &Map<String, Value>) -> Payload {
-        Payload(
-            map.iter()
-                .map(|(k, v)| (k.as_str().into(), stored(v)))
-                .collect(),
-        )
+        let mut payload = Payload::default();
+        // A map iterates in key order.
+        for (k, v) in map {
+            let member = payload.push(k, &stored(v));
+            payload.members.push(member);
+        }
+        payload
     }
 
     /// The stored text of `data[key]`.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.position(key).map(|i| &*self.0[i].1)
-    }
-
-    /// Remove `data[key]`, giving its stored text.
-    pub fn take(&mut self, key: &str) -> Option<Box<str>> {
-        self.position(key).map(|i| self.0.remove(i).1)
+        self.position(key)
+            .map(|i| &self.text[self.members[i].value.clone()])
     }
 
     /// `data[key]` as a tree.
@@ -145,17 +172,24 @@ impl Payload {
         self.get(key).map(parse)
     }
 
-    /// Set `data[key]` to a value whose numbers are in the store's form.
+    /// Set `data[key]` to a value whose numbers are in the store's form
+    /// (the text it had stays in the string, unused).
     pub fn insert(&mut self, key: &str, value: &Value) {
-        match self.0.binary_search_by(|(k, _)| (**k).cmp(key)) {
-            Ok(i) => self.0[i].1 = stored(value),
-            Err(i) => self.0.insert(i, (key.into(), stored(value))),
+        let member = self.push(key, &stored(value));
+        match self
+            .members
+            .binary_search_by(|m| self.text[m.key.clone()].cmp(key))
+        {
+            Ok(i) => self.members[i] = member,
+            Err(i) => self.members.insert(i, member),
         }
     }
 
     /// The keys and stored texts, in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (&**k, &**v))
+        self.members
+            .iter()
+            .map(|m| (&self.text[m.key.clone()], &self.text[m.value.clone()]))
     }
 
     /// The payload as a JSON object.
@@ -165,14 +199,23 @@ impl Payload {
             .collect()
     }
 
-    /// Each key with its value's stored text, in key order.
-    pub fn into_pairs(self) -> impl Iterator<Item = (Box<str>, Box<str>)> {
-        self.0.into_iter()
-    }
-
     fn position(&self, key: &str) -> Option<usize> {
         // A handful of keys: a scan beats a search.
-        self.0.iter().position(|(k, _)| **k == *key)
+        self.members
+            .iter()
+            .position(|m| &self.text[m.key.clone()] == key)
+    }
+
+    /// Append a key and its value's text to the string.
+    fn push(&mut self, key: &str, value: &str) -> Span {
+        let start = self.text.len();
+        self.text.push_str(key);
+        let middle = self.text.len();
+        self.text.push_str(value);
+        Span {
+            key: start..middle,
+            value: middle..self.text.len(),
+        }
     }
 }
 
@@ -604,23 +647,30 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    /// The object here, at `depth`, as a payload.
+    /// The object here, at `depth`, as a payload: the values' texts
+    /// written as they are read, then the keys that are kept, in order.
     fn top_object(&mut self, depth: usize) -> Result<Payload, CanonicalError> {
         self.nest(depth)?;
-        let mut scratch = String::with_capacity(self.text.len() - self.at);
-        let mut members = Vec::with_capacity(8);
+        let mut text = String::with_capacity(self.text.len() - self.at);
+        // The members go on the stack, as a nested object's do.
+        let base = self.stack.len();
         self.each_member(|reader, key| {
-            let from = scratch.len();
-            reader.value(&mut scratch, depth)?;
-            members.push((key, from..scratch.len()));
+            let from = text.len();
+            reader.value(&mut text, depth)?;
+            reader.stack.push((key, from..text.len()));
             Ok(())
         })?;
-        let mut pairs = Vec::with_capacity(members.len());
-        pairs.extend(
-            in_key_order(&mut members)
-                .map(|(key, range)| (Box::from(&**key), Box::from(&scratch[range.clone()]))),
-        );
-        Ok(Payload(pairs))
+        let mut members = Vec::with_capacity(self.stack.len() - base);
+        for (key, value) in in_key_order(&mut self.stack[base..]) {
+            let start = text.len();
+            text.push_str(key);
+            members.push(Span {
+                key: start..text.len(),
+                value: value.clone(),
+            });
+        }
+        self.stack.truncate(base);
+        Ok(Payload { text, members })
     }
 }
 
@@ -878,7 +928,17 @@ mod tests {
             q.iter().map(|(k, _)| k).collect::<Vec<_>>(),
             ["a", "n", "x"]
         );
-        assert_eq!(q.take("a").as_deref(), Some("1"));
-        assert_eq!(q, p);
+        assert_eq!(q.get("a"), Some("1"));
+        assert_ne!(q, p);
+        q.insert("x", &json!(2));
+        assert_eq!(q.get("x"), Some("2"));
+        assert_eq!(
+            pairs(&q),
+            vec![
+                ("a".into(), "1".into()),
+                ("n".into(), "null".into()),
+                ("x".into(), "2".into()),
+            ]
+        );
     }
 }

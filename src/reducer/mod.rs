@@ -123,14 +123,4 @@ impl Reducer {
             (Reducer::Merge, state) => merge::apply(state.tree(), event),
         }
     }
-
-    /// [`Self::fold`] an event no longer needed: its values are moved into
-    /// the state instead of copied.
-    pub fn fold_owned(self, state: &mut State, event: Event) {
-        match (self, state) {
-            (Reducer::Stabilize, State::Workflow(state)) => state.apply_owned(event),
-            (Reducer::Stabilize, State::Tree(map)) => stabilize::apply_owned(map, event),
-            (Reducer::Merge, state) => merge::apply(state.tree(), &event),
-        }
-    }
 }

@@ -13,7 +13,7 @@
 //! a shape this one does not hold (a key stabilize never writes) is folded
 //! as a tree, and the tests fold both ways and compare the texts.
 
-use super::stabilize::{CURRENT_SCHEMA_VERSION, Data, action, plus_one};
+use super::stabilize::{CURRENT_SCHEMA_VERSION, action, plus_one};
 use crate::model::EntityType;
 use crate::model::canonical::{CanonicalError, write_canonical_from_stored, write_string};
 use crate::model::event::{Event, stored_timestamp};
@@ -331,13 +331,18 @@ fn time(event: &Event) -> Text {
 }
 
 /// `data.get(key, default)`, as text.
-fn get_or(data: &mut impl Data, key: &str, default: fn() -> Text) -> Text {
-    data.take_text(key).map_or_else(default, kept)
+fn get_or(data: &Payload, key: &str, default: fn() -> Text) -> Text {
+    data.get(key).map_or_else(default, |text| kept(text).into())
+}
+
+/// `data.get(key, default)`, as a text borrowed from `data` or given.
+fn get_or_str<'a>(data: &'a Payload, key: &str, default: &'a str) -> &'a str {
+    data.get(key).map_or(default, kept)
 }
 
 /// A stored text as kept: `null` as the empty text.
-fn kept(text: Box<str>) -> Text {
-    if &*text == "null" { null() } else { text }
+fn kept(text: &str) -> &str {
+    if text == "null" { "" } else { text }
 }
 
 impl WorkflowState {
@@ -356,18 +361,9 @@ impl WorkflowState {
         }
     }
 
-    /// `EventReplayer._apply_event`, cloning what it keeps of the event.
+    /// `EventReplayer._apply_event`, copying what it keeps of the event.
     pub fn apply(&mut self, event: &Event) {
-        self.apply_with(event, &mut &event.data);
-    }
-
-    /// [`Self::apply`], moving `data`'s values out of the event.
-    pub fn apply_owned(&mut self, mut event: Event) {
-        let mut data = std::mem::take(&mut event.data);
-        self.apply_with(&event, &mut data);
-    }
-
-    fn apply_with(&mut self, event: &Event, data: &mut impl Data) {
+        let data = &event.data;
         if event.schema_version > CURRENT_SCHEMA_VERSION {
             return;
         }
@@ -379,19 +375,21 @@ impl WorkflowState {
     }
 
     /// `dict.update(data["context"])` when it is an object.
-    fn merge_context(&mut self, data: &mut impl Data) {
-        if let Some(update) = data
-            .take_text("context")
-            .as_deref()
-            .and_then(Payload::from_stored)
-        {
-            for (k, v) in update.into_pairs() {
-                self.context.insert(k, kept(v));
+    fn merge_context(&mut self, data: &Payload) {
+        if let Some(update) = data.get("context").and_then(Payload::from_stored) {
+            for (k, v) in update.iter() {
+                let v = kept(v).into();
+                match self.context.get_mut(k) {
+                    Some(old) => *old = v,
+                    None => {
+                        self.context.insert(k.into(), v);
+                    }
+                }
             }
         }
     }
 
-    fn apply_workflow(&mut self, event: &Event, data: &mut impl Data) {
+    fn apply_workflow(&mut self, event: &Event, data: &Payload) {
         match &*event.event_type {
             "workflow.created" => {
                 self.application = get_or(data, "application", null);
@@ -585,17 +583,18 @@ impl WorkflowState {
 }
 
 /// The texts one event (or a stored state) gives an entry's keys,
-/// gathered so that the entry is written once.
+/// gathered so that the entry is written once: borrowed from the event's
+/// payload where they are its values.
 #[derive(Default)]
-struct Changes([Option<Cow<'static, str>>; 12]);
+struct Changes<'a>([Option<Cow<'a, str>>; 12]);
 
-impl Changes {
+impl<'a> Changes<'a> {
     fn put(&mut self, slot: usize, text: Text) {
         self.0[slot] = Some(Cow::Owned(text.into_string()));
     }
 
-    /// A stored text known in advance (`"\"RUNNING\""`).
-    fn put_static(&mut self, slot: usize, text: &'static str) {
+    /// A text of the event's or known in advance (`"\"RUNNING\""`).
+    fn put_str(&mut self, slot: usize, text: &'a str) {
         self.0[slot] = Some(Cow::Borrowed(text));
     }
 
@@ -605,7 +604,7 @@ impl Changes {
 }
 
 /// Stage and task events: the first event of any type creates the entry.
-fn apply_child(children: &mut Children, kind: &str, event: &Event, data: &mut impl Data) {
+fn apply_child(children: &mut Children, kind: &str, event: &Event, data: &Payload) {
     let id = &*event.entity_id;
     let (c, made) = children.entry(id);
     let mut new = Changes::default();
@@ -617,53 +616,56 @@ fn apply_child(children: &mut Children, kind: &str, event: &Event, data: &mut im
             &[NAME, STAGE_ID]
         };
         for &field in fields {
-            new.put(field, get_or(data, CHILD_KEYS[field], null));
+            new.put_str(field, get_or_str(data, CHILD_KEYS[field], ""));
         }
     }
     match (kind, action(&event.event_type, kind)) {
         (_, None) => {}
         (_, Some("started")) => {
-            new.put_static(STATUS, r#""RUNNING""#);
+            new.put_str(STATUS, r#""RUNNING""#);
             new.put(START_TIME, time(event));
         }
         (_, Some("completed")) => {
-            new.put(STATUS, get_or(data, "status", || string("SUCCEEDED")));
+            new.put_str(STATUS, get_or_str(data, "status", r#""SUCCEEDED""#));
             new.put(END_TIME, time(event));
-            if let Some(outputs) = data.take_text("outputs") {
-                new.put(OUTPUTS, kept(outputs));
+            if let Some(outputs) = data.get("outputs") {
+                new.put_str(OUTPUTS, kept(outputs));
             }
         }
         (_, Some("failed")) => {
-            new.put(STATUS, get_or(data, "status", || string("TERMINAL")));
+            new.put_str(STATUS, get_or_str(data, "status", r#""TERMINAL""#));
             new.put(END_TIME, time(event));
-            new.put(ERROR, get_or(data, "error", null));
+            new.put_str(ERROR, get_or_str(data, "error", ""));
         }
         ("stage", Some("skipped")) => {
-            new.put_static(STATUS, r#""SKIPPED""#);
-            new.put(SKIP_REASON, get_or(data, "reason", null));
+            new.put_str(STATUS, r#""SKIPPED""#);
+            new.put_str(SKIP_REASON, get_or_str(data, "reason", ""));
         }
-        ("stage", Some("canceled")) => new.put_static(STATUS, r#""CANCELED""#),
-        ("stage", Some("suspended")) => new.put_static(STATUS, r#""SUSPENDED""#),
-        ("stage", Some("resumed")) => new.put_static(STATUS, r#""RUNNING""#),
+        ("stage", Some("canceled")) => new.put_str(STATUS, r#""CANCELED""#),
+        ("stage", Some("suspended")) => new.put_str(STATUS, r#""SUSPENDED""#),
+        ("stage", Some("resumed")) => new.put_str(STATUS, r#""RUNNING""#),
         ("task", Some("retried")) => {
             // data.get("retry_count", task.get("retry_count", 0) + 1), the
             // default first (see `stabilize`): a count Python cannot add one
             // to leaves the count as it was.
             let next = match c.get(RETRY_COUNT) {
-                None => Ok(Some("1".into())),
-                Some("true") => Ok(Some("2".into())),
-                Some("false") => Ok(Some("1".into())),
+                None => Ok(Some(Cow::Borrowed("1"))),
+                Some("true") => Ok(Some(Cow::Borrowed("2"))),
+                Some("false") => Ok(Some(Cow::Borrowed("1"))),
                 Some(n)
                     if n.starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']) =>
                 {
-                    Ok(plus_one(n, event.numbers).map(|n| n.as_str().into()))
+                    Ok(plus_one(n, event.numbers).map(|n| Cow::Owned(n.as_str().to_string())))
                 }
                 Some(_) => Err(()),
             };
             if let Ok(next) = next
-                && let Some(count) = data.take_text("retry_count").map(kept).or(next)
+                && let Some(count) = data
+                    .get("retry_count")
+                    .map(|n| Cow::Borrowed(kept(n)))
+                    .or(next)
             {
-                new.put(RETRY_COUNT, count);
+                new.0[RETRY_COUNT] = Some(count);
             }
         }
         _ => {}
