@@ -2,7 +2,7 @@
 //! typed [`Frame`]s once, here, with a reason for every refusal (SPEC 2).
 
 use super::canonical::{CanonicalError, NumberForm};
-use super::payload::{Payload, PayloadError, plain_run, read_frame};
+use super::payload::{Payload, PayloadError, plain_run, read_event_frame};
 use super::snapshot::{EntityType, IdError, check_id};
 use chrono::{DateTime, NaiveDateTime, Timelike, Utc};
 use serde::Deserialize;
@@ -107,10 +107,9 @@ pub struct Limits {
 }
 
 /// The envelope's fields as their JSON text in the line (`None` when
-/// absent or `null`), however they were found: read by serde from the
-/// line ([`decode_reference`]), which refuses a known key given twice, or
-/// by the one pass ([`decode_in_one_pass`]). Each is parsed on its own
-/// afterwards, so a wrong one is named. Other keys are carried, not
+/// absent or `null`), read by serde ([`decode_reference`]), which refuses
+/// a known key given twice. Each is parsed on its own afterwards, so a
+/// wrong one is named. Other keys are carried, not
 /// interpreted: ignored here.
 #[derive(Default, Deserialize)]
 struct Fields<'a> {
@@ -142,9 +141,6 @@ struct Fields<'a> {
     snapshot: Option<&'a str>,
     #[serde(borrow, default, deserialize_with = "json_text")]
     event_id: Option<&'a str>,
-    /// `data` already read, when the one pass read the frame.
-    #[serde(skip)]
-    payload: Option<Payload>,
 }
 
 /// A field's JSON text as it is in the line; `None` for `null`.
@@ -156,8 +152,8 @@ fn json_text<'de, D: serde::Deserializer<'de>>(
 
 /// Decode one line (without its newline).
 ///
-/// A well-formed event is read in one pass ([`read_frame`]): its envelope's
-/// members found, `data` read into stored texts on the way. Any other frame
+/// A well-formed event is read in one pass ([`read_event_frame`]): each
+/// envelope member read as its field wants it, `data` into stored texts. Any other frame
 /// (a command, a refusal, anything the one pass does not take) is decoded
 /// by [`decode_reference`], which gives the same result for every line.
 pub fn decode(line: &[u8], limits: Limits) -> Result<Frame, DecodeError> {
@@ -191,41 +187,35 @@ pub fn decode_reference(line: &[u8], limits: Limits) -> Result<Frame, DecodeErro
 
 /// An event read in one pass, or `None` where [`decode_reference`] must
 /// decide: not one well-formed object within the depth limit, a command,
-/// a key given twice (refused there), or an event it refuses.
+/// a key given twice (refused there), a field it reads otherwise (a string
+/// with escapes), or an event it refuses.
 fn decode_in_one_pass(text: &str, limits: Limits) -> Option<Event> {
-    let frame = read_frame(text, limits.numbers, limits.max_depth)?;
-    let mut env = Fields::default();
-    // serde's reading of `Fields` refuses a known key given twice, even
-    // as `null`.
-    let mut seen = 0u16;
-    for (key, raw) in &frame.members {
-        let (bit, slot) = match &**key {
-            "op" => return None,
-            "event_type" => (0, &mut env.event_type),
-            "timestamp" => (1, &mut env.timestamp),
-            "sequence" => (2, &mut env.sequence),
-            "entity_type" => (3, &mut env.entity_type),
-            "entity_id" => (4, &mut env.entity_id),
-            "workflow_id" => (5, &mut env.workflow_id),
-            "data" => (6, &mut env.data),
-            "schema_version" => (7, &mut env.schema_version),
-            "metadata" => (8, &mut env.metadata),
-            "version" => (9, &mut env.version),
-            "snapshot" => (10, &mut env.snapshot),
-            "event_id" => (11, &mut env.event_id),
-            _ => continue,
-        };
-        if seen & (1 << bit) != 0 {
-            return None;
-        }
-        seen |= 1 << bit;
-        // `data` as an object is read already.
-        if *raw != "null" && !(bit == 6 && frame.data.is_some()) {
-            *slot = Some(raw);
-        }
-    }
-    env.payload = frame.data;
-    decode_event(env, limits.numbers).ok()
+    let frame = read_event_frame(text, limits.numbers, limits.max_depth)?;
+    let event_type = frame.event_type.filter(|t| !t.is_empty())?;
+    let timestamp = parse_timestamp(frame.timestamp?)?;
+    let sequence = frame.sequence.filter(|&s| s >= 1)?;
+    let entity_type = frame.entity_type?.parse().ok()?;
+    let entity_id = frame.entity_id?;
+    check_id(entity_id).ok()?;
+    let workflow_id = frame.workflow_id?;
+    check_id(workflow_id).ok()?;
+    let entity_id: Arc<str> = Arc::from(entity_id);
+    Some(Event {
+        event_type: Box::from(event_type),
+        timestamp,
+        sequence,
+        entity_type,
+        // A workflow's own events name it twice: one allocation.
+        workflow_id: if workflow_id == &*entity_id {
+            entity_id.clone()
+        } else {
+            Arc::from(workflow_id)
+        },
+        entity_id,
+        data: frame.data,
+        schema_version: frame.schema_version.unwrap_or(1),
+        numbers: limits.numbers,
+    })
 }
 
 fn decode_command(op: &str, env: &Fields) -> Result<Command, DecodeError> {
@@ -292,10 +282,9 @@ fn decode_event(env: Fields, numbers: NumberForm) -> Result<Event, DecodeError> 
     check_id(&entity_id).map_err(|e| id_error("entity_id", e))?;
     let workflow_id = string_field("workflow_id", required("workflow_id", env.workflow_id)?)?;
     check_id(&workflow_id).map_err(|e| id_error("workflow_id", e))?;
-    let data = match (env.payload, env.data) {
-        (Some(payload), _) => payload,
-        (None, None) => Payload::default(),
-        (None, Some(raw)) => Payload::from_frame_data(raw, numbers).map_err(|e| match e {
+    let data = match env.data {
+        None => Payload::default(),
+        Some(raw) => Payload::from_frame_data(raw, numbers).map_err(|e| match e {
             PayloadError::NotAnObject => {
                 DecodeError::Invalid("data", "must be a JSON object".into())
             }
@@ -729,6 +718,59 @@ mod tests {
                 assert!(reason.contains("hex escape"), "{reason}")
             }
             other => panic!("{line}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn stabilize_lines_are_read_in_one_pass_and_the_rest_left_to_the_reference() {
+        // As stabilize writes them (json.dumps: ", " and ": ", nulls in
+        // metadata), compact, and with fields of every optional form.
+        let stabilize = r#"{"event_id": "01J", "event_type": "task.completed", "timestamp": "2026-11-26T03:00:00.089495+00:00", "sequence": 50, "entity_type": "task", "entity_id": "t1", "workflow_id": "w1", "version": 2, "data": {"status": "SUCCEEDED", "outputs": {"b": 1, "a": [null, 1.5]}}, "metadata": {"correlation_id": "w1", "causation_id": null, "actor": "system"}, "schema_version": 1}"#;
+        let taken = [
+            stabilize.to_string(),
+            event_line(""),
+            event_line(r#","event_id":null,"version":null,"metadata":null,"data":null"#),
+            event_line(r#","schema_version":null,"snapshot":true,"other":[{"x":1}]"#),
+        ];
+        for line in &taken {
+            let event = decode_in_one_pass(line, LIMITS).unwrap_or_else(|| panic!("{line}"));
+            assert_eq!(
+                Ok(Frame::Event(event)),
+                decode_reference(line.as_bytes(), LIMITS),
+                "{line}"
+            );
+        }
+        // A workflow's own event shares one id.
+        let Some(e) = decode_in_one_pass(&taken[1], LIMITS) else {
+            panic!()
+        };
+        assert!(Arc::ptr_eq(&e.entity_id, &e.workflow_id));
+        // Escapes, other kinds of value, refusals, twice-given keys and
+        // commands are the reference's to decide.
+        let mut left: Vec<String> = [
+            r#","sequence":7.0"#,
+            r#","sequence":0"#,
+            r#","version":"1""#,
+            r#","metadata":[]"#,
+            r#","data":[]"#,
+            r#","timestamp":"yesterday""#,
+            r#","entity_type":"job""#,
+            r#","event_type":"""#,
+            r#","op":"ping""#,
+        ]
+        .into_iter()
+        .map(event_line)
+        .collect();
+        // (event_line would write these escapes away.)
+        left.push(stabilize.replace(r#""t1""#, r#""t\u0031""#));
+        left.push(stabilize.replace(r#""01J""#, r#""\u0030""#));
+        left.push(stabilize.replace(r#""version": 2"#, r#""version": 2, "version": null"#));
+        for line in &left {
+            assert!(decode_in_one_pass(line, LIMITS).is_none(), "{line}");
+            assert_eq!(
+                decode(line.as_bytes(), LIMITS),
+                decode_reference(line.as_bytes(), LIMITS)
+            );
         }
     }
 

@@ -229,57 +229,103 @@ fn parse(text: &str) -> Value {
     serde_json::from_str(text).expect("a stored text is JSON")
 }
 
-/// A frame's top-level members, read in one pass
-/// ([`crate::model::event::decode`]'s way for well-formed events).
-pub(crate) struct FrameMembers<'a> {
-    /// Each key, decoded, with its value's text as it is in the frame.
-    pub members: Vec<(Cow<'a, str>, &'a str)>,
-    /// The value of the last `data` key, read into a payload when it is
-    /// an object.
-    pub data: Option<Payload>,
+/// An event frame's envelope as the one pass reads it
+/// ([`crate::model::event::decode`]'s way for well-formed events): the
+/// fields an event is made of, each as found (`None` when absent or
+/// `null`), and `data` read into stored texts. Only their meaning is left
+/// to check.
+#[derive(Default)]
+pub(crate) struct EventFrame<'a> {
+    /// Strings without escapes: their contents, borrowed from the line.
+    pub event_type: Option<&'a str>,
+    pub timestamp: Option<&'a str>,
+    pub entity_type: Option<&'a str>,
+    pub entity_id: Option<&'a str>,
+    pub workflow_id: Option<&'a str>,
+    pub sequence: Option<i64>,
+    pub schema_version: Option<i64>,
+    pub data: Payload,
 }
 
-/// Read a frame that is one JSON object nesting at most `max_depth`
-/// levels (the object itself is level 1), numbers of `data` made `form`;
-/// `None` for anything else, which the caller reads its other way.
-pub(crate) fn read_frame(
+/// Read an event frame that is one JSON object nesting at most
+/// `max_depth` levels (the object itself is level 1), numbers of `data`
+/// made `form`, in one pass: each member's value read as its key wants it
+/// where it is read. `None` for anything else, which the caller reads its
+/// other way: a command (`op`), a known key given twice (refused there,
+/// even as `null`), a field of another kind than an event's (a string
+/// with an escape among them, a number that is no `i64`), any fault.
+pub(crate) fn read_event_frame(
     text: &str,
     form: NumberForm,
     max_depth: usize,
-) -> Option<FrameMembers<'_>> {
+) -> Option<EventFrame<'_>> {
     let mut reader = Reader::new(text, Some(form));
     reader.max_depth = max_depth.min(MAX_DEPTH);
     reader.skip_whitespace();
     if reader.peek() != Some(b'{') || reader.nest(1).is_err() {
         return None;
     }
-    let mut frame = FrameMembers {
-        members: Vec::with_capacity(12),
-        data: None,
-    };
+    let mut frame = EventFrame::default();
+    // The known keys seen, so that one given twice goes to the caller.
+    let mut seen = 0u16;
     reader
         .each_member(|reader, key| {
             reader.skip_whitespace();
-            let start = reader.at;
-            if key == "data" && reader.peek() == Some(b'{') {
-                frame.data = Some(reader.top_object(2)?);
-            } else {
-                if key == "data" {
-                    frame.data = None;
+            let bit = match &*key {
+                "op" => return Err(not_an_event()),
+                "event_type" => 0,
+                "timestamp" => 1,
+                "sequence" => 2,
+                "entity_type" => 3,
+                "entity_id" => 4,
+                "workflow_id" => 5,
+                "data" => 6,
+                "schema_version" => 7,
+                "metadata" => 8,
+                "version" => 9,
+                "snapshot" => 10,
+                "event_id" => 11,
+                _ => 16,
+            };
+            if bit < 16 {
+                if seen & (1 << bit) != 0 {
+                    return Err(not_an_event());
                 }
-                // Checked, not written: the caller reads its text as it
-                // is (only `data`'s numbers take the store's form).
-                let form = reader.form.take();
-                let read = reader.skip(1);
-                reader.form = form;
-                read?;
+                seen |= 1 << bit;
             }
-            frame.members.push((key, &text[start..reader.at]));
+            match bit {
+                0 => frame.event_type = reader.plain_string()?,
+                1 => frame.timestamp = reader.plain_string()?,
+                2 => frame.sequence = reader.integer()?,
+                3 => frame.entity_type = reader.plain_string()?,
+                4 => frame.entity_id = reader.plain_string()?,
+                5 => frame.workflow_id = reader.plain_string()?,
+                6 if reader.peek() == Some(b'{') => frame.data = reader.top_object(2)?,
+                6 => reader.null()?,
+                7 => frame.schema_version = reader.integer()?,
+                9 => drop(reader.integer()?),
+                11 => drop(reader.plain_string()?),
+                8 if !matches!(reader.peek(), Some(b'{' | b'n')) => return Err(not_an_event()),
+                _ => {
+                    // `metadata`, `snapshot` and keys not known: checked,
+                    // not kept (numbers as they are).
+                    let form = reader.form.take();
+                    let read = reader.skip(1);
+                    reader.form = form;
+                    read?;
+                }
+            }
             Ok(())
         })
         .ok()?;
     reader.end().ok()?;
     Some(frame)
+}
+
+/// What [`read_event_frame`] stops at: not a fault of the frame, which
+/// the caller's other way judges, only not what it reads.
+fn not_an_event() -> CanonicalError {
+    CanonicalError::Malformed(String::new())
 }
 
 /// A string as `serde_json` writes it: as it is when nothing needs an
@@ -388,6 +434,38 @@ impl<'a> Reader<'a> {
         if self.text[self.at..].starts_with(word) {
             self.at += word.len();
             out.push_str(word);
+            Ok(())
+        } else {
+            Err(self.malformed())
+        }
+    }
+
+    /// A string without escapes here, as its contents, or `null`.
+    fn plain_string(&mut self) -> Result<Option<&'a str>, CanonicalError> {
+        if self.peek() != Some(b'"') {
+            return self.null().map(|()| None);
+        }
+        match self.string()? {
+            Cow::Borrowed(s) => Ok(Some(s)),
+            Cow::Owned(_) => Err(not_an_event()),
+        }
+    }
+
+    /// An integer here that fits an `i64`, or `null`.
+    fn integer(&mut self) -> Result<Option<i64>, CanonicalError> {
+        match self.peek() {
+            Some(b'-' | b'0'..=b'9') => match self.number_literal()?.parse() {
+                Ok(n) => Ok(Some(n)),
+                Err(_) => Err(not_an_event()),
+            },
+            _ => self.null().map(|()| None),
+        }
+    }
+
+    /// `null` here.
+    fn null(&mut self) -> Result<(), CanonicalError> {
+        if self.text[self.at..].starts_with("null") {
+            self.at += 4;
             Ok(())
         } else {
             Err(self.malformed())
