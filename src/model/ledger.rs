@@ -113,7 +113,7 @@ impl Ledger {
     }
 
     /// Re-fold the window in sequence order from the kept snapshot state
-    /// and events, which this uses up (moved into the state, not cloned;
+    /// and events, which this uses up (the state is taken, not cloned;
     /// the next snapshot keeps new ones). The caller has checked the window
     /// holds every event the table has after the snapshot up to its newest.
     /// False when nothing is kept.
