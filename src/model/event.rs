@@ -109,8 +109,8 @@ pub struct Limits {
 /// The envelope's fields as their JSON text in the line (`None` when
 /// absent or `null`), read by serde ([`decode_reference`]), which refuses
 /// a known key given twice. Each is parsed on its own afterwards, so a
-/// wrong one is named. Other keys are carried, not
-/// interpreted: ignored here.
+/// wrong one is named. Other keys are carried, not interpreted: ignored
+/// here.
 #[derive(Default, Deserialize)]
 struct Fields<'a> {
     #[serde(borrow, default, deserialize_with = "json_text")]
@@ -153,9 +153,10 @@ fn json_text<'de, D: serde::Deserializer<'de>>(
 /// Decode one line (without its newline).
 ///
 /// A well-formed event is read in one pass ([`read_event_frame`]): each
-/// envelope member read as its field wants it, `data` into stored texts. Any other frame
-/// (a command, a refusal, anything the one pass does not take) is decoded
-/// by [`decode_reference`], which gives the same result for every line.
+/// envelope member read as its field wants it, `data` into stored texts.
+/// Any other frame (a command, a refusal, anything the one pass does not
+/// take) is decoded by [`decode_reference`], which gives the same result
+/// for every line.
 pub fn decode(line: &[u8], limits: Limits) -> Result<Frame, DecodeError> {
     let text = std::str::from_utf8(line).map_err(|e| DecodeError::InvalidUtf8(e.valid_up_to()))?;
     if let Some(event) = decode_in_one_pass(text, limits) {

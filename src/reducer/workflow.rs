@@ -330,13 +330,8 @@ fn time(event: &Event) -> Text {
     stored_timestamp(&event.timestamp)
 }
 
-/// `data.get(key, default)`, as text.
-fn get_or(data: &Payload, key: &str, default: fn() -> Text) -> Text {
-    data.get(key).map_or_else(default, |text| kept(text).into())
-}
-
 /// `data.get(key, default)`, as a text borrowed from `data` or given.
-fn get_or_str<'a>(data: &'a Payload, key: &str, default: &'a str) -> &'a str {
+fn get_or<'a>(data: &'a Payload, key: &str, default: &'a str) -> &'a str {
     data.get(key).map_or(default, kept)
 }
 
@@ -392,8 +387,8 @@ impl WorkflowState {
     fn apply_workflow(&mut self, event: &Event, data: &Payload) {
         match &*event.event_type {
             "workflow.created" => {
-                self.application = get_or(data, "application", null);
-                self.name = get_or(data, "name", null);
+                self.application = get_or(data, "application", "").into();
+                self.name = get_or(data, "name", "").into();
             }
             "workflow.started" => {
                 self.start_time = time(event);
@@ -402,11 +397,11 @@ impl WorkflowState {
             }
             "workflow.completed" => {
                 self.end_time = time(event);
-                self.status = get_or(data, "status", || string("SUCCEEDED"));
+                self.status = get_or(data, "status", r#""SUCCEEDED""#).into();
             }
             "workflow.failed" => {
                 self.end_time = time(event);
-                self.status = get_or(data, "status", || string("TERMINAL"));
+                self.status = get_or(data, "status", r#""TERMINAL""#).into();
             }
             "workflow.canceled" => {
                 self.end_time = time(event);
@@ -616,7 +611,7 @@ fn apply_child(children: &mut Children, kind: &str, event: &Event, data: &Payloa
             &[NAME, STAGE_ID]
         };
         for &field in fields {
-            new.put_str(field, get_or_str(data, CHILD_KEYS[field], ""));
+            new.put_str(field, get_or(data, CHILD_KEYS[field], ""));
         }
     }
     match (kind, action(&event.event_type, kind)) {
@@ -626,20 +621,20 @@ fn apply_child(children: &mut Children, kind: &str, event: &Event, data: &Payloa
             new.put(START_TIME, time(event));
         }
         (_, Some("completed")) => {
-            new.put_str(STATUS, get_or_str(data, "status", r#""SUCCEEDED""#));
+            new.put_str(STATUS, get_or(data, "status", r#""SUCCEEDED""#));
             new.put(END_TIME, time(event));
             if let Some(outputs) = data.get("outputs") {
                 new.put_str(OUTPUTS, kept(outputs));
             }
         }
         (_, Some("failed")) => {
-            new.put_str(STATUS, get_or_str(data, "status", r#""TERMINAL""#));
+            new.put_str(STATUS, get_or(data, "status", r#""TERMINAL""#));
             new.put(END_TIME, time(event));
-            new.put_str(ERROR, get_or_str(data, "error", ""));
+            new.put_str(ERROR, get_or(data, "error", ""));
         }
         ("stage", Some("skipped")) => {
             new.put_str(STATUS, r#""SKIPPED""#);
-            new.put_str(SKIP_REASON, get_or_str(data, "reason", ""));
+            new.put_str(SKIP_REASON, get_or(data, "reason", ""));
         }
         ("stage", Some("canceled")) => new.put_str(STATUS, r#""CANCELED""#),
         ("stage", Some("suspended")) => new.put_str(STATUS, r#""SUSPENDED""#),
