@@ -15,6 +15,7 @@ use super::canonical::{
 };
 use serde_json::{Map, Value};
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::ops::Range;
 
 /// An object's members as read: each key with the range of the text written
@@ -730,7 +731,16 @@ impl<'a> Reader<'a> {
     /// written as they are read, then the keys that are kept, in order.
     fn top_object(&mut self, depth: usize) -> Result<Payload, CanonicalError> {
         self.nest(depth)?;
-        let mut text = String::with_capacity(self.text.len() - self.at);
+        // Written in a buffer the thread keeps, then copied out at its
+        // length: the payload must not keep slack while its event waits in
+        // a reorder window or a mailbox (2 KiB an entity), and giving a
+        // string sized for the rest of the line its slack back cost a
+        // `realloc` into another size class, 550 instructions an event.
+        thread_local! {
+            static TEXT: RefCell<String> = const { RefCell::new(String::new()) };
+        }
+        let mut text = TEXT.with_borrow_mut(std::mem::take);
+        text.clear();
         // The members go on the stack, as a nested object's do.
         let base = self.stack.len();
         self.each_member(|reader, key| {
@@ -749,13 +759,15 @@ impl<'a> Reader<'a> {
             });
         }
         self.stack.truncate(base);
-        // Sized for the rest of the line, the string kept its slack while
-        // the event waited in a reorder window or a mailbox: 2 KiB an
-        // entity in the fold-only run. Given back, for 3% of the
-        // instructions (copying out of a buffer the thread keeps cost the
-        // same).
-        text.shrink_to_fit();
-        Ok(Payload { text, members })
+        let kept = String::from(text.as_str());
+        // Kept for the next event unless a rare huge payload grew it.
+        if text.capacity() <= 1 << 20 {
+            TEXT.with_borrow_mut(|t| *t = text);
+        }
+        Ok(Payload {
+            text: kept,
+            members,
+        })
     }
 }
 
