@@ -1079,6 +1079,100 @@ mod tests {
         }
     }
 
+    /// JSON text of up to four levels: every kind of value, spaces or
+    /// none around the punctuation.
+    fn json_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just("null".to_string()),
+            Just("true".to_string()),
+            Just("false".to_string()),
+            "-?(0|[1-9][0-9]{0,3})(\\.[0-9]{1,2})?([eE][+-]?[0-9])?",
+            "\"([a-z é]|\\\\[n\"])*\"",
+        ];
+        leaf.prop_recursive(4, 32, 5, |inner| {
+            let space = prop_oneof![Just(""), Just(" ")];
+            prop_oneof![
+                (prop::collection::vec(inner.clone(), 0..5), space.clone())
+                    .prop_map(|(items, sp)| format!("[{sp}{}]", items.join(&format!(",{sp}")))),
+                (prop::collection::vec(("[a-z]{0,3}", inner), 0..5), space).prop_map(
+                    |(members, sp)| {
+                        let members: Vec<_> = members
+                            .iter()
+                            .map(|(k, v)| format!("\"{k}\"{sp}:{sp}{v}"))
+                            .collect();
+                        format!("{{{sp}{}}}", members.join(&format!(",{sp}")))
+                    }
+                ),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Skipping accepts what reading accepts, and stops where it stops
+        /// (at the value's end, or at the fault): on whole values, and on
+        /// values cut short or with a character put somewhere.
+        #[test]
+        fn skipping_a_value_checks_it_as_reading_it_does(
+            text in json_text(),
+            cut in proptest::option::of(0usize..200),
+            insert in proptest::option::of((0usize..200, "[\\]\\[{}:,\" a0-]")),
+            max_depth in 1usize..6,
+        ) {
+            let mut text = text;
+            if let Some(cut) = cut {
+                let mut cut = cut % (text.len() + 1);
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+            }
+            if let Some((at, c)) = insert {
+                let mut at = at % (text.len() + 1);
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                text.insert_str(at, &c);
+            }
+            let run = |skip: bool| {
+                let mut reader = Reader::new(&text, None);
+                reader.max_depth = max_depth;
+                let read = if skip {
+                    reader.skip(0)
+                } else {
+                    reader.value(&mut String::new(), 0)
+                };
+                (read.is_ok(), reader.at)
+            };
+            let (skipped, skipped_to) = run(true);
+            let (read, read_to) = run(false);
+            proptest::prop_assert_eq!((skipped, skipped_to), (read, read_to), "{}", text);
+        }
+    }
+
+    #[test]
+    fn skipping_refuses_what_does_not_close_or_nest_as_it_opened() {
+        for (text, max_depth) in [
+            (r#"{"a":1]"#, 3),
+            (r#"[1}"#, 3),
+            (r#"{"a":[1}}"#, 3),
+            (r#"[{"a":1]]"#, 3),
+            (r#"{"a" 1}"#, 3),
+            (r#"{"a":1,}"#, 3),
+            (r#"[1,]"#, 3),
+            (r#"{1:2}"#, 3),
+            (r#"[[[]]]"#, 2),
+            (r#"{"a":{"b":{}}}"#, 2),
+        ] {
+            let mut reader = Reader::new(text, None);
+            reader.max_depth = max_depth;
+            assert!(reader.skip(0).is_err(), "{text}");
+        }
+        let mut reader = Reader::new(r#"{"a":[{"b":[]},{}],"c":{"d":null}} ,"#, None);
+        assert!(reader.skip(0).is_ok());
+        assert_eq!(&reader.text[reader.at..], " ,");
+    }
+
     #[test]
     fn numbers_at_the_edges_are_scanned_as_the_grammar_says() {
         let scan = |t: &str| scan_number(t.as_bytes()).map(|s| (s.len, s.integer));
