@@ -84,9 +84,23 @@ type Span = (usize, usize);
 
 /// An entry's layout, read from its header.
 struct Layout {
+    id: Span,
     present: u16,
-    /// Each slot's text; empty where the key is absent.
-    spans: [Span; 12],
+    /// Each key's text length; 0 where the key is absent.
+    lens: [usize; 12],
+    /// Where the texts begin.
+    texts: usize,
+}
+
+impl Layout {
+    /// Where each key's text is; empty where the key is absent.
+    fn spans(&self) -> [Span; 12] {
+        let mut at = self.texts;
+        self.lens.map(|len| {
+            at += len;
+            (at - len, at)
+        })
+    }
 }
 
 fn push_len(out: &mut String, mut n: usize) {
@@ -136,7 +150,8 @@ impl Child {
         let bytes = self.0.as_bytes();
         let mut at = 0;
         let id_len = read_len(bytes, &mut at);
-        at += id_len;
+        let id = (at, at + id_len);
+        at = id.1;
         let present = u16::from(bytes[at]) | u16::from(bytes[at + 1]) << 6;
         at += 2;
         let mut lens = [0; 12];
@@ -145,18 +160,18 @@ impl Child {
                 *len = read_len(bytes, &mut at);
             }
         }
-        let mut spans = [(0, 0); 12];
-        for (span, len) in spans.iter_mut().zip(lens) {
-            *span = (at, at + len);
-            at += len;
+        Layout {
+            id,
+            present,
+            lens,
+            texts: at,
         }
-        Layout { present, spans }
     }
 
     /// The text of the key in `slot`, if the entry has the key.
     fn get(&self, slot: usize) -> Option<&str> {
         let layout = self.layout();
-        let (start, end) = layout.spans[slot];
+        let (start, end) = layout.spans()[slot];
         (layout.present & (1 << slot) != 0).then(|| &self.0[start..end])
     }
 
@@ -166,20 +181,13 @@ impl Child {
         if new.iter().all(Option::is_none) {
             return;
         }
-        let bytes = self.0.as_bytes();
-        let mut at = 0;
-        let id_len = read_len(bytes, &mut at);
-        let id = at..at + id_len;
-        at = id.end;
-        let present = u16::from(bytes[at]) | u16::from(bytes[at + 1]) << 6;
-        at += 2;
-        let mut lens = [0; 12];
-        for (slot, len) in lens.iter_mut().enumerate() {
-            if present & (1 << slot) != 0 {
-                *len = read_len(bytes, &mut at);
-            }
-        }
-        let updated = Child::compose(&self.0[id], present, &lens, &self.0[at..], new);
+        let Layout {
+            id,
+            present,
+            lens,
+            texts,
+        } = self.layout();
+        let updated = Child::compose(&self.0[id.0..id.1], present, &lens, &self.0[texts..], new);
         *self = updated;
     }
 
@@ -240,10 +248,11 @@ impl Child {
 
     /// Each key the entry has with its text, in key order.
     fn fields(&self) -> impl Iterator<Item = (&'static str, &str)> {
-        let Layout { present, spans, .. } = self.layout();
+        let layout = self.layout();
+        let present = layout.present;
         CHILD_KEYS
             .iter()
-            .zip(spans)
+            .zip(layout.spans())
             .enumerate()
             .filter(move |(slot, _)| present & (1 << slot) != 0)
             .map(|(_, (key, (start, end)))| (*key, &self.0[start..end]))
