@@ -455,15 +455,14 @@ impl<'a> Reader<'a> {
     /// An integer here that fits an `i64`, or `null`.
     fn integer(&mut self) -> Result<Option<i64>, CanonicalError> {
         match self.peek() {
-            Some(b'-' | b'0'..=b'9') => match self.number_literal()? {
-                (
-                    _,
-                    Scanned {
-                        integer: Some(n), ..
-                    },
-                ) => Ok(Some(n)),
-                (literal, _) => literal.parse().map(Some).map_err(|_| not_an_event()),
-            },
+            Some(b'-' | b'0'..=b'9') => {
+                let (literal, scanned) = self.number_literal()?;
+                match scanned.integer {
+                    Some(n) => Ok(Some(n)),
+                    // 19 digits or more, or not an integer at all.
+                    None => literal.parse().map(Some).map_err(|_| not_an_event()),
+                }
+            }
             _ => self.null().map(|()| None),
         }
     }
