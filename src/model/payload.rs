@@ -11,7 +11,8 @@
 //! parses its text ([`Payload::value`]).
 
 use super::canonical::{
-    CanonicalError, NumberForm, normalize_number_as, normalize_value_as, truncated,
+    CanonicalError, NumberForm, Scanned, normalize_number_as, normalize_value_as, scan_number,
+    truncated,
 };
 use serde_json::{Map, Value};
 use std::borrow::Cow;
@@ -885,105 +886,6 @@ fn serde_literal(literal: &str) -> Cow<'_, str> {
     }
 }
 
-/// What one scan of a number literal found.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Scanned {
-    /// Its length in bytes.
-    len: usize,
-    /// Its value, when it is an integer of at most 18 digits (always
-    /// exact in an `i64`); longer ones are parsed from the text.
-    integer: Option<i64>,
-    negative: bool,
-    fraction: bool,
-    exponent: bool,
-    /// Every digit before the exponent is 0.
-    zero: bool,
-}
-
-impl Scanned {
-    /// Whether the literal is already in `form`, so that its normalising
-    /// (which allocates) is saved for most numbers: integers other than
-    /// `-0` in both forms, and decimals without exponent other than a
-    /// negative zero in the JSONB form (JSONB keeps their scale; Python
-    /// would reprint a float). The same rule as
-    /// [`super::canonical::kept_as_is`], which reads a literal's text.
-    fn kept_as_is(&self, form: NumberForm) -> bool {
-        if self.len > 20 || self.exponent || (self.negative && self.zero) {
-            return false;
-        }
-        match form {
-            NumberForm::Jsonb => true,
-            NumberForm::Python => !self.fraction,
-        }
-    }
-}
-
-/// The JSON number at the start of `bytes`, in one pass:
-/// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`. `None` when
-/// the characters a number may have, as many as follow one another, are
-/// not one (`0123`, `1.`, `--1`): the whole run is refused, not a prefix.
-///
-/// The literal used to be cut at the first other character, checked, then
-/// scanned again for its form and parsed: about 200 instructions a number
-/// where this takes about 60.
-fn scan_number(bytes: &[u8]) -> Option<Scanned> {
-    let digit = |i: usize| bytes.get(i).filter(|b| b.is_ascii_digit()).copied();
-    let negative = bytes.first() == Some(&b'-');
-    let mut i = usize::from(negative);
-    let (mut value, mut zero) = (0i64, true);
-    match bytes.get(i) {
-        Some(b'0') => i += 1,
-        Some(b'1'..=b'9') => {
-            while let Some(d) = digit(i) {
-                value = value.wrapping_mul(10).wrapping_add(i64::from(d - b'0'));
-                i += 1;
-            }
-            zero = false;
-        }
-        _ => return None,
-    }
-    let int_digits = i - usize::from(negative);
-    let fraction = bytes.get(i) == Some(&b'.');
-    if fraction {
-        i += 1;
-        let start = i;
-        while let Some(d) = digit(i) {
-            zero &= d == b'0';
-            i += 1;
-        }
-        if i == start {
-            return None;
-        }
-    }
-    let exponent = matches!(bytes.get(i), Some(b'e' | b'E'));
-    if exponent {
-        i += 1;
-        if let Some(b'+' | b'-') = bytes.get(i) {
-            i += 1;
-        }
-        let start = i;
-        while digit(i).is_some() {
-            i += 1;
-        }
-        if i == start {
-            return None;
-        }
-    }
-    if let Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') = bytes.get(i) {
-        return None;
-    }
-    let integer =
-        (!fraction && !exponent && int_digits <= 18).then(|| if negative { -value } else { value });
-    Some(Scanned {
-        len: i,
-        integer,
-        negative,
-        fraction,
-        exponent,
-        zero,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1004,78 +906,6 @@ mod tests {
 
     fn pairs(p: &Payload) -> Vec<(String, String)> {
         p.iter().map(|(k, v)| (k.into(), v.into())).collect()
-    }
-
-    /// The grammar as a regular expression would check it, on a literal
-    /// already cut from the text: the reference for [`scan_number`].
-    fn json_number(literal: &str) -> bool {
-        let b = literal.as_bytes();
-        let mut i = usize::from(b.first() == Some(&b'-'));
-        let digits = |i: &mut usize| {
-            let start = *i;
-            while b.get(*i).is_some_and(u8::is_ascii_digit) {
-                *i += 1;
-            }
-            *i - start
-        };
-        match b.get(i) {
-            Some(b'0') => i += 1,
-            Some(b'1'..=b'9') => {
-                digits(&mut i);
-            }
-            _ => return false,
-        }
-        if b.get(i) == Some(&b'.') {
-            i += 1;
-            if digits(&mut i) == 0 {
-                return false;
-            }
-        }
-        if let Some(b'e' | b'E') = b.get(i) {
-            i += 1;
-            if let Some(b'+' | b'-') = b.get(i) {
-                i += 1;
-            }
-            if digits(&mut i) == 0 {
-                return false;
-            }
-        }
-        i == b.len()
-    }
-
-    proptest::proptest! {
-        /// One scan agrees with the three steps it replaced: cut the run
-        /// of number characters, check it against the grammar, then judge
-        /// its form with `canonical::kept_as_is` and parse it as an `i64`.
-        #[test]
-        fn one_scan_of_a_number_agrees_with_cut_check_and_parse(
-            text in "-?(0|[1-9][0-9]{0,21}|[0-9]{0,3})(\\.[0-9]{0,3})?([eE][+-]?[0-9]{0,3})?[-+.eE0-9 ,}]{0,3}",
-        ) {
-            let run = text
-                .bytes()
-                .take_while(|b| matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
-                .count();
-            let literal = &text[..run];
-            match scan_number(text.as_bytes()) {
-                None => proptest::prop_assert!(!json_number(literal), "{literal} refused"),
-                Some(scanned) => {
-                    proptest::prop_assert!(json_number(literal), "{literal} taken");
-                    proptest::prop_assert_eq!(scanned.len, run);
-                    for form in [NumberForm::Jsonb, NumberForm::Python] {
-                        proptest::prop_assert_eq!(
-                            scanned.kept_as_is(form),
-                            crate::model::canonical::kept_as_is(literal, form),
-                            "{} in {:?}", literal, form
-                        );
-                    }
-                    if let Some(n) = scanned.integer {
-                        proptest::prop_assert_eq!(Ok(n), literal.parse::<i64>());
-                    } else if !scanned.fraction && !scanned.exponent {
-                        proptest::prop_assert!(literal.trim_start_matches('-').len() > 18);
-                    }
-                }
-            }
-        }
     }
 
     /// JSON text of up to four levels: every kind of value, spaces or
