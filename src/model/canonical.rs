@@ -222,16 +222,14 @@ fn python_short_decimal(literal: &str) -> Option<String> {
     }
     let int = int.trim_start_matches('0');
     let frac = frac.trim_end_matches('0');
-    let significant = if int.is_empty() {
-        frac.trim_start_matches('0').len()
+    // The digits counted from the first significant one (an integer
+    // part's trailing zeros among them: at worst the long way is taken),
+    // and the place of that first one.
+    let (significant, leading) = if int.is_empty() {
+        let zeros = frac.len() - frac.trim_start_matches('0').len();
+        (frac.len() - zeros, -(zeros as i32) - 1)
     } else {
-        int.len() + frac.len()
-    };
-    let leading = if int.is_empty() {
-        // The first significant digit's place: 10^-(zeros + 1).
-        -((frac.len() - frac.trim_start_matches('0').len()) as i32 + 1)
-    } else {
-        int.len() as i32 - 1
+        (int.len() + frac.len(), int.len() as i32 - 1)
     };
     if significant > 15 || (significant > 0 && !(-4..16).contains(&leading)) {
         return None;
