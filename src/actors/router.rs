@@ -121,7 +121,7 @@ impl Actor for Router {
                 }
                 for (key, msg) in routed {
                     if let Some((key, msg)) = state.deliver_to_running(key, msg) {
-                        state.deliver(&myself, key, msg).await;
+                        state.spawn_for(&myself, key, msg).await;
                     }
                 }
             }
@@ -278,9 +278,14 @@ impl Actor for Router {
 impl RouterState {
     /// Send `msg` to the entity's actor, spawning it when there is none.
     async fn deliver(&mut self, myself: &ActorRef<RouterMsg>, key: EntityKey, msg: PolicyMsg) {
-        if let Some((key, msg)) = self.deliver_to_running(key, msg)
-            && let Some(actor) = self.spawn(myself, key).await
-        {
+        if let Some((key, msg)) = self.deliver_to_running(key, msg) {
+            self.spawn_for(myself, key, msg).await;
+        }
+    }
+
+    /// Spawn the actor of an entity that has none and send it `msg`.
+    async fn spawn_for(&mut self, myself: &ActorRef<RouterMsg>, key: EntityKey, msg: PolicyMsg) {
+        if let Some(actor) = self.spawn(myself, key).await {
             let _ = actor.cast(msg);
         }
     }
