@@ -324,6 +324,28 @@ pub(crate) fn read_event_frame(
     Some(frame)
 }
 
+/// A non-negative integer of 1 to 18 digits without a leading zero at the
+/// start of `bytes`, with its length, when nothing after it could continue
+/// a number: what [`scan_number`] reads as that integer. `None` for
+/// anything else, which the general scan reads (or refuses).
+fn plain_integer(bytes: &[u8]) -> Option<(i64, usize)> {
+    let digits = bytes
+        .iter()
+        .take(19)
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    if digits == 0 || digits > 18 || (digits > 1 && bytes[0] == b'0') {
+        return None;
+    }
+    if let Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') = bytes.get(digits) {
+        return None;
+    }
+    let value = bytes[..digits]
+        .iter()
+        .fold(0i64, |n, b| n * 10 + i64::from(b - b'0'));
+    Some((value, digits))
+}
+
 /// What [`read_event_frame`] stops at: not a fault of the frame, which
 /// the caller's other way judges, only not what it reads.
 fn not_an_event() -> CanonicalError {
@@ -455,6 +477,12 @@ impl<'a> Reader<'a> {
 
     /// An integer here that fits an `i64`, or `null`.
     fn integer(&mut self) -> Result<Option<i64>, CanonicalError> {
+        // The envelope's integers (sequence, version, schema_version) are a
+        // few plain digits: read here without the general number scan.
+        if let Some(n) = plain_integer(&self.bytes()[self.at..]) {
+            self.at += n.1;
+            return Ok(Some(n.0));
+        }
         match self.peek() {
             Some(b'-' | b'0'..=b'9') => {
                 let (literal, scanned) = self.number_literal()?;
@@ -1029,6 +1057,50 @@ mod tests {
         assert!(!scan_number(b"-0.00").unwrap().kept_as_is(NumberForm::Jsonb));
         assert!(scan_number(b"-0.01").unwrap().kept_as_is(NumberForm::Jsonb));
         assert!(!scan_number(b"2.50").unwrap().kept_as_is(NumberForm::Python));
+    }
+
+    proptest::proptest! {
+        /// The envelope's integer shortcut reads what the general scan
+        /// reads, wherever it answers, and answers for every plain
+        /// integer of up to 18 digits the scan reads.
+        #[test]
+        fn a_plain_integer_is_read_as_the_scan_reads_it(
+            text in "-?[0-9]{0,20}(\\.[0-9]{0,3})?([eE][+-]?[0-9]{0,2})?[,}\\] a0.e-]?",
+        ) {
+            let scanned = scan_number(text.as_bytes());
+            match plain_integer(text.as_bytes()) {
+                Some((value, len)) => {
+                    let scanned = scanned.expect("the scan reads it too");
+                    proptest::prop_assert_eq!((scanned.len, scanned.integer), (len, Some(value)));
+                }
+                None => proptest::prop_assert!(
+                    text.starts_with('-') || scanned.is_none_or(|s| s.integer.is_none()),
+                    "{text}: {scanned:?}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn plain_integers_at_the_edges() {
+        assert_eq!(plain_integer(b"0,"), Some((0, 1)));
+        assert_eq!(plain_integer(b"300}"), Some((300, 3)));
+        assert_eq!(
+            plain_integer(b"999999999999999999"),
+            Some((999_999_999_999_999_999, 18))
+        );
+        for other in [
+            "9999999999999999999",
+            "01",
+            "1.0",
+            "1e3",
+            "-1",
+            "",
+            "a",
+            "12-",
+        ] {
+            assert_eq!(plain_integer(other.as_bytes()), None, "{other}");
+        }
     }
 
     #[test]
