@@ -13,7 +13,9 @@ use std::sync::Arc;
 /// One event, as stabilize's `Event.to_dict()` gives it, parsed and checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
-    pub event_type: Box<str>,
+    /// Borrowed from [`known_event_type`] for stabilize's own types, so
+    /// the usual event holds no allocation for it.
+    pub event_type: Cow<'static, str>,
     /// The instant, rounded to microseconds as Postgres keeps it.
     pub timestamp: DateTime<Utc>,
     pub sequence: i64,
@@ -206,7 +208,7 @@ fn decode_in_one_pass(text: &str, limits: Limits) -> Option<Event> {
     check_id(workflow_id).ok()?;
     let entity_id: Arc<str> = Arc::from(entity_id);
     Some(Event {
-        event_type: Box::from(event_type),
+        event_type: event_type_of(event_type),
         timestamp,
         sequence,
         entity_type,
@@ -323,7 +325,7 @@ fn decode_event(env: Fields, numbers: NumberForm) -> Result<Event, DecodeError> 
         string_field("event_id", raw)?;
     }
     Ok(Event {
-        event_type: Box::from(&*event_type),
+        event_type: event_type_of(&event_type),
         timestamp,
         sequence,
         entity_type,
@@ -332,6 +334,47 @@ fn decode_event(env: Fields, numbers: NumberForm) -> Result<Event, DecodeError> 
         data,
         schema_version,
         numbers,
+    })
+}
+
+/// An event's type as kept: stabilize's own types (its `EventType`) as
+/// static texts, any other as given.
+pub fn event_type_of(text: &str) -> Cow<'static, str> {
+    match known_event_type(text) {
+        Some(known) => Cow::Borrowed(known),
+        None => Cow::Owned(text.to_owned()),
+    }
+}
+
+/// The static text of one of stabilize's `EventType` values.
+pub fn known_event_type(text: &str) -> Option<&'static str> {
+    Some(match text {
+        "workflow.created" => "workflow.created",
+        "workflow.started" => "workflow.started",
+        "workflow.completed" => "workflow.completed",
+        "workflow.failed" => "workflow.failed",
+        "workflow.canceled" => "workflow.canceled",
+        "workflow.paused" => "workflow.paused",
+        "workflow.resumed" => "workflow.resumed",
+        "stage.started" => "stage.started",
+        "stage.completed" => "stage.completed",
+        "stage.failed" => "stage.failed",
+        "stage.skipped" => "stage.skipped",
+        "stage.canceled" => "stage.canceled",
+        "stage.suspended" => "stage.suspended",
+        "stage.resumed" => "stage.resumed",
+        "task.started" => "task.started",
+        "task.completed" => "task.completed",
+        "task.failed" => "task.failed",
+        "task.retried" => "task.retried",
+        "task.suspended" => "task.suspended",
+        "status.changed" => "status.changed",
+        "context.updated" => "context.updated",
+        "outputs.updated" => "outputs.updated",
+        "jump.executed" => "jump.executed",
+        "custom.progress" => "custom.progress",
+        "unknown.event" => "unknown.event",
+        _ => return None,
     })
 }
 
@@ -776,6 +819,33 @@ mod tests {
                 decode(line.as_bytes(), LIMITS),
                 decode_reference(line.as_bytes(), LIMITS)
             );
+        }
+    }
+
+    #[test]
+    fn stabilizes_event_types_are_kept_static_and_others_as_given() {
+        let line = |t: &str| {
+            format!(
+                r#"{{"event_type":"{t}","timestamp":"2026-11-26T03:59:48+00:00","sequence":1,"entity_type":"task","entity_id":"t1","workflow_id":"w1"}}"#
+            )
+        };
+        for (text, known) in [
+            ("task.completed", true),
+            ("workflow.paused", true),
+            ("unknown.event", true),
+            ("task.complete", false),
+            ("my.own_event", false),
+        ] {
+            for e in [
+                decode(line(text).as_bytes(), LIMITS),
+                decode_reference(line(text).as_bytes(), LIMITS),
+            ] {
+                let Ok(Frame::Event(e)) = e else {
+                    panic!("{text}: not an event")
+                };
+                assert_eq!(&*e.event_type, text);
+                assert_eq!(matches!(e.event_type, Cow::Borrowed(_)), known, "{text}");
+            }
         }
     }
 

@@ -268,7 +268,7 @@ mod tests {
     fn event(entity_type: EntityType, id: &str, event_type: &str, data: Value) -> Event {
         let Value::Object(data) = data else { panic!() };
         Event {
-            event_type: event_type.into(),
+            event_type: event_type.to_owned().into(),
             timestamp: parse_timestamp("2026-11-26T03:59:48.120000+00:00").unwrap(),
             sequence: 1,
             entity_type,

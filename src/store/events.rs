@@ -3,7 +3,7 @@
 
 use super::{Store, StoreError};
 use crate::model::canonical::NumberForm;
-use crate::model::event::{Event, parse_timestamp};
+use crate::model::event::{Event, known_event_type, parse_timestamp};
 use crate::model::payload::{Payload, PayloadError};
 use crate::model::{EntityKey, EntityType};
 use chrono::{DateTime, Utc};
@@ -112,7 +112,10 @@ impl EventRow {
             PayloadError::Value(e) => bad(format!("data: {e}")),
         })?;
         Ok(Event {
-            event_type: self.event_type.into_boxed_str(),
+            event_type: match known_event_type(&self.event_type) {
+                Some(known) => known.into(),
+                None => self.event_type.into(),
+            },
             timestamp,
             sequence: self.sequence,
             entity_type,
