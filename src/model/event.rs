@@ -576,38 +576,62 @@ pub fn stored_timestamp(t: &DateTime<Utc>) -> Box<str> {
     text.into_boxed_str()
 }
 
-/// [`render_timestamp`] onto `text`.
-fn write_timestamp(text: &mut String, t: &DateTime<Utc>) {
+/// [`stored_timestamp`] written into `buf` (no allocation) when the year
+/// has four digits and the second is no leap second, as nearly always.
+pub fn stored_timestamp_in<'b>(t: &DateTime<Utc>, buf: &'b mut [u8; 34]) -> Cow<'b, str> {
+    buf[0] = b'"';
+    match timestamp_digits(t, (&mut buf[1..33]).try_into().expect("32 bytes")) {
+        Some(len) => {
+            buf[1 + len] = b'"';
+            Cow::Borrowed(std::str::from_utf8(&buf[..len + 2]).expect("ASCII"))
+        }
+        None => Cow::Owned(stored_timestamp(t).into_string()),
+    }
+}
+
+/// Python's `isoformat()` of `t` written into `buf`, with its length, for
+/// a four-digit year and a second that is no leap second; `None` (nothing
+/// written) otherwise.
+fn timestamp_digits(t: &DateTime<Utc>, buf: &mut [u8; 32]) -> Option<usize> {
     use chrono::Datelike;
     // Four-digit years by hand: chrono's strftime parses its format string
     // on every call, and the stabilize reducer renders a time for most
-    // events it folds. Seconds beyond 59 (leap) take chrono's way. The
-    // fields are read off the naive date and time once (each accessor of
-    // a `DateTime` works out the local time again).
+    // events it folds. The fields are read off the naive date and time
+    // once (each accessor of a `DateTime` works out the local time again).
     let (date, time) = (t.date_naive(), t.time());
+    if !(0..=9999).contains(&date.year()) || time.nanosecond() >= 1_000_000_000 {
+        return None;
+    }
     let micros = time.nanosecond() / 1000;
-    if (0..=9999).contains(&date.year()) && time.nanosecond() < 1_000_000_000 {
-        let seconds = time.num_seconds_from_midnight();
-        // Every digit written into its place in one buffer, appended once
-        // (pushed field by field, each through a checked conversion, a
-        // time cost about 650 instructions more).
-        let mut buf = *b"0000-00-00T00:00:00.000000+00:00";
-        put_digits(&mut buf[0..4], date.year() as u32);
-        put_digits(&mut buf[5..7], date.month());
-        put_digits(&mut buf[8..10], date.day());
-        put_digits(&mut buf[11..13], seconds / 3600);
-        put_digits(&mut buf[14..16], seconds / 60 % 60);
-        put_digits(&mut buf[17..19], seconds % 60);
-        let len = if micros != 0 {
-            put_digits(&mut buf[20..26], micros);
-            buf.len()
-        } else {
-            buf.copy_within(26.., 19);
-            25
-        };
+    let seconds = time.num_seconds_from_midnight();
+    // Every digit written into its place in one buffer (pushed field by
+    // field, each through a checked conversion, a time cost about 650
+    // instructions more).
+    *buf = *b"0000-00-00T00:00:00.000000+00:00";
+    put_digits(&mut buf[0..4], date.year() as u32);
+    put_digits(&mut buf[5..7], date.month());
+    put_digits(&mut buf[8..10], date.day());
+    put_digits(&mut buf[11..13], seconds / 3600);
+    put_digits(&mut buf[14..16], seconds / 60 % 60);
+    put_digits(&mut buf[17..19], seconds % 60);
+    Some(if micros != 0 {
+        put_digits(&mut buf[20..26], micros);
+        buf.len()
+    } else {
+        buf.copy_within(26.., 19);
+        25
+    })
+}
+
+/// [`render_timestamp`] onto `text`.
+fn write_timestamp(text: &mut String, t: &DateTime<Utc>) {
+    let mut buf = [0u8; 32];
+    if let Some(len) = timestamp_digits(t, &mut buf) {
         text.push_str(std::str::from_utf8(&buf[..len]).expect("ASCII digits"));
         return;
     }
+    // Years beyond four digits and leap seconds: chrono's way.
+    let micros = t.time().nanosecond() / 1000;
     use std::fmt::Write;
     let written = if micros == 0 {
         write!(text, "{}", t.format("%Y-%m-%dT%H:%M:%S+00:00"))
@@ -674,17 +698,23 @@ mod tests {
 
     #[test]
     fn a_stored_timestamp_is_the_rendered_one_quoted() {
-        use super::{render_timestamp, stored_timestamp};
+        use super::{render_timestamp, stored_timestamp, stored_timestamp_in};
         use chrono::{TimeZone, Utc};
-        for t in [
-            Utc.timestamp_micros(1_764_115_200_000_001).unwrap(),
-            Utc.with_ymd_and_hms(2026, 11, 26, 0, 0, 0).unwrap(),
-            Utc.with_ymd_and_hms(12026, 1, 1, 0, 0, 0).unwrap(),
+        for (t, in_buffer) in [
+            (Utc.timestamp_micros(1_764_115_200_000_001).unwrap(), true),
+            (Utc.with_ymd_and_hms(2026, 11, 26, 0, 0, 0).unwrap(), true),
+            (
+                Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap(),
+                true,
+            ),
+            (Utc.with_ymd_and_hms(12026, 1, 1, 0, 0, 0).unwrap(), false),
         ] {
-            assert_eq!(
-                &*stored_timestamp(&t),
-                format!("\"{}\"", render_timestamp(&t))
-            );
+            let quoted = format!("\"{}\"", render_timestamp(&t));
+            assert_eq!(&*stored_timestamp(&t), quoted);
+            let mut buf = [0u8; 34];
+            let written = stored_timestamp_in(&t, &mut buf);
+            assert_eq!(written, quoted);
+            assert_eq!(matches!(written, Cow::Borrowed(_)), in_buffer, "{quoted}");
         }
     }
 

@@ -16,7 +16,7 @@
 use super::stabilize::{CURRENT_SCHEMA_VERSION, action, plus_one};
 use crate::model::EntityType;
 use crate::model::canonical::{CanonicalError, write_canonical_from_stored, write_string};
-use crate::model::event::{Event, stored_timestamp};
+use crate::model::event::{Event, stored_timestamp, stored_timestamp_in};
 use crate::model::payload::{Payload, push_stored_string};
 use serde_json::{Map, Value};
 use std::borrow::Cow;
@@ -612,6 +612,11 @@ impl<'a> Changes<'a> {
         self.0[slot] = Some(Cow::Owned(text.into_string()));
     }
 
+    /// The event's time, written into `buf` (no allocation).
+    fn put_time(&mut self, slot: usize, event: &Event, buf: &'a mut [u8; 34]) {
+        self.0[slot] = Some(stored_timestamp_in(&event.timestamp, buf));
+    }
+
     /// A text of the event's or known in advance (`"\"RUNNING\""`).
     fn put_str(&mut self, slot: usize, text: &'a str) {
         self.0[slot] = Some(Cow::Borrowed(text));
@@ -627,6 +632,7 @@ fn apply_child(children: &mut Children, kind: &str, event: &Event, data: &Payloa
     let id = &*event.entity_id;
     let found = children.find(id);
     let entry = found.ok().map(|at| &children.0[at]);
+    let mut time = [0u8; 34];
     let mut new = Changes::default();
     if entry.is_none() {
         new.put(ID, string(id));
@@ -643,18 +649,18 @@ fn apply_child(children: &mut Children, kind: &str, event: &Event, data: &Payloa
         (_, None) => {}
         (_, Some("started")) => {
             new.put_str(STATUS, r#""RUNNING""#);
-            new.put(START_TIME, time(event));
+            new.put_time(START_TIME, event, &mut time);
         }
         (_, Some("completed")) => {
             new.put_str(STATUS, get_or(data, "status", r#""SUCCEEDED""#));
-            new.put(END_TIME, time(event));
+            new.put_time(END_TIME, event, &mut time);
             if let Some(outputs) = data.get("outputs") {
                 new.put_str(OUTPUTS, kept(outputs));
             }
         }
         (_, Some("failed")) => {
             new.put_str(STATUS, get_or(data, "status", r#""TERMINAL""#));
-            new.put(END_TIME, time(event));
+            new.put_time(END_TIME, event, &mut time);
             new.put_str(ERROR, get_or(data, "error", ""));
         }
         ("stage", Some("skipped")) => {
