@@ -347,7 +347,7 @@ pub fn event_type_of(text: &str) -> Cow<'static, str> {
 }
 
 /// The static text of one of stabilize's `EventType` values.
-pub fn known_event_type(text: &str) -> Option<&'static str> {
+fn known_event_type(text: &str) -> Option<&'static str> {
     Some(match text {
         "workflow.created" => "workflow.created",
         "workflow.started" => "workflow.started",
@@ -569,11 +569,7 @@ pub fn render_timestamp(t: &DateTime<Utc>) -> String {
 /// [`render_timestamp`] as a stored JSON text: quoted, as it is (nothing
 /// in it needs an escape).
 pub fn stored_timestamp(t: &DateTime<Utc>) -> Box<str> {
-    let mut text = String::with_capacity(34);
-    text.push('"');
-    write_timestamp(&mut text, t);
-    text.push('"');
-    text.into_boxed_str()
+    Box::from(&*stored_timestamp_in(t, &mut [0; 34]))
 }
 
 /// [`stored_timestamp`] written into `buf` (no allocation) when the year
@@ -585,7 +581,7 @@ pub fn stored_timestamp_in<'b>(t: &DateTime<Utc>, buf: &'b mut [u8; 34]) -> Cow<
             buf[1 + len] = b'"';
             Cow::Borrowed(std::str::from_utf8(&buf[..len + 2]).expect("ASCII"))
         }
-        None => Cow::Owned(stored_timestamp(t).into_string()),
+        None => Cow::Owned(format!("\"{}\"", render_timestamp(t))),
     }
 }
 

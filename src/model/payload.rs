@@ -479,9 +479,9 @@ impl<'a> Reader<'a> {
     fn integer(&mut self) -> Result<Option<i64>, CanonicalError> {
         // The envelope's integers (sequence, version, schema_version) are a
         // few plain digits: read here without the general number scan.
-        if let Some(n) = plain_integer(&self.bytes()[self.at..]) {
-            self.at += n.1;
-            return Ok(Some(n.0));
+        if let Some((value, len)) = plain_integer(&self.bytes()[self.at..]) {
+            self.at += len;
+            return Ok(Some(value));
         }
         match self.peek() {
             Some(b'-' | b'0'..=b'9') => {

@@ -3,7 +3,7 @@
 
 use super::{Store, StoreError};
 use crate::model::canonical::NumberForm;
-use crate::model::event::{Event, known_event_type, parse_timestamp};
+use crate::model::event::{Event, event_type_of, parse_timestamp};
 use crate::model::payload::{Payload, PayloadError};
 use crate::model::{EntityKey, EntityType};
 use chrono::{DateTime, Utc};
@@ -112,10 +112,7 @@ impl EventRow {
             PayloadError::Value(e) => bad(format!("data: {e}")),
         })?;
         Ok(Event {
-            event_type: match known_event_type(&self.event_type) {
-                Some(known) => known.into(),
-                None => self.event_type.into(),
-            },
+            event_type: event_type_of(&self.event_type),
             timestamp,
             sequence: self.sequence,
             entity_type,
